@@ -1,0 +1,1 @@
+"""callbacks layer (under construction)."""

@@ -1,0 +1,1 @@
+"""landscape layer (under construction)."""

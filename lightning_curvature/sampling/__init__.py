@@ -1,0 +1,1 @@
+"""sampling layer (under construction)."""
