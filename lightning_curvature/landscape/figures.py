@@ -1,0 +1,283 @@
+"""Matplotlib figures for loss surfaces: heat maps side by side, 1-D slices, GIF animations.
+
+Everything uses the object-oriented API on ``matplotlib.figure.Figure`` (no ``pyplot``, so no
+global figure registry and no GUI backend): safe in callbacks, on headless machines and in
+threads. Save with ``fig.savefig(path)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+
+from .surface import LossSurface
+
+__all__ = ["plot_slices", "plot_surfaces", "save_animation"]
+
+
+def _default_title(surface: LossSurface) -> str:
+    if surface.eigenvalues is not None and len(surface.eigenvalues) == 2:
+        lmax, lmin = surface.eigenvalues
+        return f"Hessian directions\n$\\lambda_{{max}}$={lmax:.3g}, $\\lambda_{{min}}$={lmin:.3g}"
+    return "Random directions"
+
+
+def _norm(surfaces: Sequence[LossSurface], log_scale: bool) -> Normalize:
+    finite = np.concatenate([s.losses[np.isfinite(s.losses)].ravel() for s in surfaces])
+    if finite.size == 0:
+        raise ValueError("surfaces: no finite loss values to plot")
+    vmin, vmax = float(finite.min()), float(finite.max())
+    if vmax == vmin:
+        vmax = vmin + 1e-12 + abs(vmin) * 1e-9
+    if log_scale:
+        if vmin <= 0:
+            raise ValueError("log_scale=True needs positive losses")
+        return LogNorm(vmin=vmin, vmax=vmax)
+    return Normalize(vmin=vmin, vmax=vmax)
+
+
+def _draw_surface(ax, surface: LossSurface, norm: Normalize, title: str, levels: int, cmap: str):  # type: ignore[no-untyped-def]
+    x, y = surface.coords
+    z = surface.losses.T  # rows follow the second direction (y axis)
+    mesh = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="auto")
+    if np.isfinite(z).all() and np.ptp(z) > 0:
+        contour_levels = (
+            np.geomspace(norm.vmin, norm.vmax, levels)
+            if isinstance(norm, LogNorm)
+            else np.linspace(norm.vmin, norm.vmax, levels)
+        )
+        ax.contour(x, y, z, levels=contour_levels, colors="white", linewidths=0.6, alpha=0.8)
+    (xm, ym), _ = surface.grid_minimum()
+    ax.plot([0.0], [0.0], marker="+", color="black", markersize=10, linestyle="none", label="$w^*$")
+    ax.plot(
+        [xm], [ym], marker="*", color="red", markersize=12, linestyle="none", label="grid minimum"
+    )
+    ax.set_xlabel(f"$\\alpha$ ({surface.labels[0]})")
+    ax.set_ylabel(f"$\\beta$ ({surface.labels[1]})")
+    ax.set_title(title, fontsize=10)
+    ax.set_aspect("auto")
+    return mesh
+
+
+def _draw_pair(
+    fig: Figure,
+    surfaces: Sequence[LossSurface],
+    titles: Sequence[str] | None,
+    norm: Normalize,
+    levels: int,
+    cmap: str,
+    suptitle: str | None,
+) -> Figure:
+    axes = fig.subplots(1, len(surfaces), squeeze=False)[0]
+    mesh = None
+    for k, (ax, surface) in enumerate(zip(axes, surfaces, strict=True)):
+        title = titles[k] if titles is not None else _default_title(surface)
+        mesh = _draw_surface(ax, surface, norm, title, levels, cmap)
+    axes[0].legend(loc="lower left", fontsize=7, framealpha=0.6)
+    fig.colorbar(mesh, ax=list(axes), label="loss", shrink=0.9)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    return fig
+
+
+def _check_2d(surfaces: Sequence[LossSurface]) -> None:
+    for s in surfaces:
+        if not isinstance(s, LossSurface) or s.ndim != 2:
+            raise ValueError("surfaces must be 2-D LossSurface objects (two directions)")
+
+
+def plot_surfaces(
+    hessian_surface: LossSurface,
+    random_surface: LossSurface | None = None,
+    *,
+    titles: Sequence[str] | None = None,
+    suptitle: str | None = None,
+    levels: int = 15,
+    cmap: str = "viridis",
+    log_scale: bool = False,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Heat maps of the Hessian-direction and random-direction surfaces, one shared color scale.
+
+    Each panel shows the loss (color, with contour lines), the point :math:`w^*` (+) and the
+    grid minimum (red star). The default title of a surface with eigenvalues names
+    :math:`\\lambda_{max}` and :math:`\\lambda_{min}`. Because both panels share one color
+    normalization, the same color means the same loss in both: a saddle that the Hessian panel
+    shows and the random panel hides is visible at a glance.
+
+    Parameters
+    ----------
+    hessian_surface : LossSurface
+        2-D surface (usually along ``v_max``, ``v_min``).
+    random_surface : LossSurface, optional
+        2-D surface along random directions; omitted: a single panel.
+    titles : sequence of str, optional
+        One per panel.
+    suptitle : str, optional
+        Figure title.
+    levels : int
+        Number of contour levels.
+    cmap : str
+        Matplotlib colormap.
+    log_scale : bool
+        Logarithmic color scale (needs positive losses).
+    figsize : (float, float), optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    surfaces = [hessian_surface] + ([random_surface] if random_surface is not None else [])
+    _check_2d(surfaces)
+    if titles is not None and len(titles) != len(surfaces):
+        raise ValueError(f"titles: need {len(surfaces)} titles, got {len(titles)}")
+    fig = Figure(figsize=figsize or (5.2 * len(surfaces) + 1.0, 4.4), layout="constrained")
+    return _draw_pair(fig, surfaces, titles, _norm(surfaces, log_scale), levels, cmap, suptitle)
+
+
+def _slices_of(
+    surface: LossSurface,
+) -> list[tuple[np.ndarray, np.ndarray, str, float | None, float]]:
+    """(coords, losses, label, eigenvalue, direction norm) for each axis through the centre."""
+    eig = surface.eigenvalues
+    if surface.ndim == 1:
+        return [
+            (
+                surface.coords[0],
+                surface.losses,
+                surface.labels[0],
+                eig[0] if eig else None,
+                surface.direction_norms[0],
+            )
+        ]
+    steps = surface.losses.shape
+    if steps[0] % 2 == 0 or steps[1] % 2 == 0:
+        raise ValueError("a 2-D surface needs an odd number of steps to slice through its centre")
+    rows = surface.losses[:, steps[1] // 2]
+    cols = surface.losses[steps[0] // 2, :]
+    return [
+        (
+            surface.coords[0],
+            rows,
+            surface.labels[0],
+            eig[0] if eig else None,
+            surface.direction_norms[0],
+        ),
+        (
+            surface.coords[1],
+            cols,
+            surface.labels[1],
+            eig[1] if eig else None,
+            surface.direction_norms[1],
+        ),
+    ]
+
+
+def plot_slices(
+    surfaces: LossSurface | Sequence[LossSurface],
+    *,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    r"""1-D slices :math:`L(w^* + a\,d) - L(w^*)` with the quadratic prediction overlaid.
+
+    For a direction with a known Hessian eigenvalue :math:`\lambda` (e.g. ``v_max``, ``v_min``
+    from :func:`hessian_directions`) the second-order model is
+    :math:`\tfrac12 \lambda \lVert d\rVert^2 a^2` (``‖d‖ = 1`` for eigenvectors), drawn dashed.
+    Near a critical point the measured slice should follow it for small ``a``.
+
+    Parameters
+    ----------
+    surfaces : LossSurface or sequence of LossSurface
+        1-D surfaces (one panel each), or a 2-D surface with an odd number of steps (its two
+        axes through the centre).
+    figsize : (float, float), optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    items = [surfaces] if isinstance(surfaces, LossSurface) else list(surfaces)
+    if not items or not all(isinstance(s, LossSurface) for s in items):
+        raise ValueError("surfaces: give a LossSurface or a non-empty sequence of them")
+    slices = [(s, sl) for s in items for sl in _slices_of(s)]
+    fig = Figure(figsize=figsize or (4.2 * len(slices), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    for ax, (surface, (a, values, label, eig, norm)) in zip(axes, slices, strict=True):
+        ax.plot(a, values - surface.center_loss, "o-", markersize=3, label="measured")
+        if eig is not None:
+            fine = np.linspace(a.min(), a.max(), 200)
+            ax.plot(
+                fine,
+                0.5 * eig * norm**2 * fine**2,
+                "--",
+                color="C3",
+                label=f"$\\frac{{1}}{{2}}\\lambda a^2$, $\\lambda$={eig:.3g}",
+            )
+        ax.axhline(0.0, color="gray", linewidth=0.5)
+        ax.set_xlabel(f"$a$ along {label}")
+        ax.set_ylabel("$L(w^* + a\\,d) - L(w^*)$")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def save_animation(
+    snapshots: Sequence[LossSurface | tuple[LossSurface, LossSurface]],
+    path: str | os.PathLike,
+    *,
+    fps: float = 2.0,
+    titles: Sequence[str] | None = None,
+    levels: int = 15,
+    cmap: str = "viridis",
+    log_scale: bool = False,
+    dpi: int = 80,
+    figsize: tuple[float, float] | None = None,
+) -> Path:
+    """Write a GIF with one frame per snapshot (e.g. per epoch), one color scale for all frames.
+
+    Parameters
+    ----------
+    snapshots : sequence of LossSurface or of (hessian, random) pairs
+        2-D surfaces in frame order.
+    path : path-like
+        Output file (``.gif``), written with matplotlib's ``PillowWriter``.
+    fps : float
+        Frames per second, ``> 0``.
+    titles : sequence of str, optional
+        One figure title per frame (e.g. ``"epoch 3"``).
+    levels, cmap, log_scale, dpi, figsize :
+        Appearance, as :func:`plot_surfaces`.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
+    from matplotlib.animation import PillowWriter
+
+    frames = [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in snapshots]
+    if not frames:
+        raise ValueError("snapshots: need at least one snapshot")
+    if len({len(f) for f in frames}) != 1:
+        raise ValueError("snapshots: every frame needs the same number of panels")
+    if not (fps > 0):
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if titles is not None and len(titles) != len(frames):
+        raise ValueError(f"titles: need {len(frames)} titles, got {len(titles)}")
+    for f in frames:
+        _check_2d(f)
+    norm = _norm([s for f in frames for s in f], log_scale)
+    n_panels = len(frames[0])
+    fig = Figure(figsize=figsize or (5.2 * n_panels + 1.0, 4.4), layout="constrained")
+    path = Path(path)
+    writer = PillowWriter(fps=fps)
+    with writer.saving(fig, str(path), dpi):
+        for k, f in enumerate(frames):
+            fig.clear()
+            _draw_pair(fig, f, None, norm, levels, cmap, titles[k] if titles else None)
+            writer.grab_frame()
+    return path
