@@ -63,7 +63,8 @@ class FunctionalLoss:
     """``loss(theta, batch)`` with ``theta`` a flat vector in a :class:`ParameterLayout`.
 
     Buffers (BatchNorm statistics) and parameters outside the layout are snapshotted (cloned,
-    detached) at construction, so a forward pass in train mode cannot write into the module.
+    detached) at construction, so a forward pass in train mode cannot write into the module (nor,
+    since train-mode calls get copies, into the snapshot).
     The module's train/eval mode at *call* time decides BatchNorm/dropout behaviour; wrap calls in
     :func:`module_mode`.
 
@@ -83,14 +84,30 @@ class FunctionalLoss:
         self.module = module
         self.loss_fn = loss_fn
         self.layout = layout if layout is not None else ParameterLayout.from_module(module)
-        self._fixed: dict[str, Tensor] = {
-            **{n: t.detach().clone() for n, t in module.named_buffers()},
-            **self.layout.frozen_params(module),
+        self._buffers: dict[str, Tensor] = {
+            n: t.detach().clone() for n, t in module.named_buffers()
         }
+        self._frozen: dict[str, Tensor] = self.layout.frozen_params(module)
+
+    @property
+    def _fixed(self) -> dict[str, Tensor]:
+        # Kept for callers written against the first version; prefer fixed_tensors().
+        return {**self._buffers, **self._frozen}
+
+    def fixed_tensors(self) -> dict[str, Tensor]:
+        """Buffers and frozen parameters for ``functional_call`` (everything but ``theta``).
+
+        Buffers are handed out as fresh copies when a submodule is in train mode: BatchNorm then
+        updates its running statistics in place, which must not leak into the snapshot (a later
+        eval-mode call would see them) nor into a captured tensor under ``torch.func``.
+        """
+        training = any(m.training for m in self.module.modules())
+        buffers = {n: b.clone() for n, b in self._buffers.items()} if training else self._buffers
+        return {**buffers, **self._frozen}
 
     def tensors(self, theta: Tensor) -> dict[str, Tensor]:
         """The full ``functional_call`` dictionary for flat parameters ``theta``."""
-        return {**self._fixed, **self.layout.unflatten(theta)}
+        return {**self.fixed_tensors(), **self.layout.unflatten(theta)}
 
     def outputs(self, theta: Tensor, inputs: object) -> object:
         """Model outputs at parameters ``theta``."""

@@ -133,7 +133,7 @@ class ParameterLayout:
             )
         batch = vec.shape[:-1]
         return {
-            n: vec[..., o : o + k].reshape(*batch, *shape)
+            n: vec[..., o : o + k].reshape((*batch, *shape))
             for n, shape, k, o in zip(
                 self.names, self.shapes, self.numels, self.offsets, strict=True
             )

@@ -1,0 +1,72 @@
+"""Generalized Gauss–Newton products ``G v = Jᵀ H_L J v``.
+
+With ``f(θ)`` the network outputs on a batch and ``ℓ(f)`` the loss as a function of the outputs,
+``∇²L = Jᵀ ∇²ℓ J + Σ_k (∂ℓ/∂f_k) ∇²f_k``. The first term is the GGN (Schraudolph, *Fast
+curvature matrix-vector products for second-order gradient descent*, Neural Computation 2002):
+positive semidefinite whenever ``ℓ`` is convex in the outputs, and equal to the Fisher information
+for cross-entropy (softmax) and MSE (Martens, *New insights and perspectives on the natural
+gradient method*, JMLR 2020). ``H − G`` is the residual, error-dependent part of the Hessian.
+
+Per batch three passes through kept graphs (all exact, no finite differences):
+
+1. ``J v``: the outputs' vector-Jacobian map ``u ↦ Jᵀu`` is built once with ``create_graph`` on a
+   dummy ``u``; differentiating ``(Jᵀu)·v`` in ``u`` gives ``J v`` (the double-vjp trick);
+2. ``H_L (J v)``: one backward through the graph of ``∇_f ℓ``;
+3. ``Jᵀ(·)``: one backward through the outputs' graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .batches import Batch
+from .model_operator import ModelCurvatureOperator, batched_grad
+
+__all__ = ["GGNOperator"]
+
+
+class _BatchGraphs(NamedTuple):
+    outputs: Tensor  # f(θ), graph to θ
+    dummy: Tensor  # u, same shape as outputs
+    jtu: Tensor  # Jᵀu, graph to u (and θ)
+    detached: Tensor  # f(θ) detached, the leaf ∇_f ℓ is taken at
+    loss_grad: Tensor  # (n_b/N) ∇_f ℓ, graph to `detached`
+
+
+class GGNOperator(ModelCurvatureOperator):
+    """The generalized Gauss–Newton matrix of the mean loss over ``data`` as a linear operator.
+
+    Same constructor and interface as :class:`~lightning_curvature.curvature.HessianOperator`
+    (without ``method``). The model's forward pass must return one tensor.
+    """
+
+    def _build(self, theta: Tensor, batch: Batch, weight: float) -> _BatchGraphs:
+        inputs, targets = batch
+        outputs = self._floss.outputs(theta, inputs)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                f"GGNOperator needs the model to return one tensor, got {type(outputs).__name__}"
+            )
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        (jtu,) = torch.autograd.grad(outputs, theta, dummy, create_graph=True)
+        detached = outputs.detach().requires_grad_(True)
+        loss = self.loss_fn(detached, targets) * weight
+        (loss_grad,) = torch.autograd.grad(loss, detached, create_graph=True)
+        return _BatchGraphs(outputs, dummy, jtu, detached, loss_grad)
+
+    def _apply(self, theta: Tensor, graphs: list[Any], rows: Tensor, batched: bool) -> Tensor:
+        probes = rows if batched else rows[0]
+        jv = batched_grad(
+            [g.jtu for g in graphs],
+            [g.dummy for g in graphs],
+            [probes] * len(graphs),
+            batched=batched,
+        )
+        hjv = batched_grad(
+            [g.loss_grad for g in graphs], [g.detached for g in graphs], list(jv), batched=batched
+        )
+        (out,) = batched_grad([g.outputs for g in graphs], [theta], list(hjv), batched=batched)
+        return out if batched else out[None, :]
