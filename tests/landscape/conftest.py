@@ -142,7 +142,7 @@ def flat_hessian(model: nn.Module, loss_fn, data) -> tuple[torch.Tensor, torch.T
     return theta, hessian(loss)(theta)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def helpers():
     """The helpers above (importlib mode cannot import conftest as a module)."""
     from types import SimpleNamespace
