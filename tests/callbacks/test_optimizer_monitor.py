@@ -1,0 +1,116 @@
+"""OptimizerMonitor and CurvatureDashboard (no curvature engine needed)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_curvature.callbacks import CurvatureDashboard, OptimizerMonitor
+
+
+class GradRecorder(L.Callback):
+    """Ground truth for plain SGD: the update is lr * grad, so its norm is lr * ||grad||."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+        self.per_epoch: dict[int, list[float]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        sq = sum(float((p.grad.double() ** 2).sum()) for p in pl_module.parameters())
+        self.per_epoch.setdefault(trainer.current_epoch + 1, []).append(self.lr * sq**0.5)
+
+
+def test_update_norm_is_the_epoch_mean_of_sgd_steps(tiny, tmp_path):
+    torch.manual_seed(0)
+    rec = GradRecorder(lr=0.05)
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(), rec], max_epochs=2)
+    t.fit(tiny.Module(lr=0.05, momentum=0.0), tiny.loader(tiny.make_dataset(n=100)))
+    logged = tiny.scalars(t.logger.log_dir)["optim/update_norm"]
+    assert sorted(logged) == [1, 2]
+    for epoch, norms in rec.per_epoch.items():
+        assert len(norms) == 4
+        assert logged[epoch] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+
+
+def test_update_norm_skips_batches_without_a_step(tiny, tmp_path):
+    torch.manual_seed(0)
+    rec = GradRecorder(lr=0.05)
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(), rec], max_epochs=1, accumulate_grad_batches=2)
+    t.fit(tiny.Module(lr=0.05, momentum=0.0), tiny.loader(tiny.make_dataset(n=128)))
+    logged = tiny.scalars(t.logger.log_dir)["optim/update_norm"]
+    assert len(rec.per_epoch[1]) == 2
+    assert logged[1] == pytest.approx(sum(rec.per_epoch[1]) / 2, rel=1e-5)
+
+
+class NGDClassifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        )
+        self.loss_fn = torch.nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self):
+        from lightning_curvature.optim import NGD
+
+        return NGD(self.net, lr=0.05, alpha=1.0)
+
+
+class StatsRecorder(L.Callback):
+    def __init__(self):
+        self.stats: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+        self.stats.append(dict(trainer.optimizers[0].stats))
+
+
+def test_ngd_stats_are_logged_as_epoch_means(tiny, tmp_path):
+    torch.manual_seed(0)
+    rec = StatsRecorder()
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(), rec], max_epochs=1)
+    t.fit(NGDClassifier(), tiny.loader(tiny.make_dataset(n=96)))
+    logged = {k: v[1] for k, v in tiny.scalars(t.logger.log_dir).items()}
+    assert len(rec.stats) == 3
+    for key, tag in (("kappa", "ngd/kappa"), ("fisher_trace", "ngd/fisher_trace")):
+        expected = sum(float(s[key]) for s in rec.stats) / len(rec.stats)
+        assert logged[tag] == pytest.approx(expected, rel=1e-5)
+    expected = sum(float(s["update_norm"]) for s in rec.stats) / len(rec.stats)
+    assert logged["optim/update_norm"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_dashboard_writes_layout_once(tiny, tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    dash = CurvatureDashboard()
+    t = tiny.trainer(tmp_path, [dash], max_epochs=1)
+    t.fit(tiny.Module(), tiny.loader(tiny.make_dataset(n=64)))
+    events = [
+        e
+        for acc in tiny.read_events(t.logger.log_dir)
+        for e in acc.Tensors("custom_scalars__config__")
+    ]
+    assert len(events) == 1
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events[0].tensor_proto.string_val[0])
+    charts = {c.title: c for cat in layout.category for c in cat.chart}
+    margin = charts["tr H ± stderr (Hutch++)"].margin.series[0]
+    assert (margin.value, margin.lower, margin.upper) == (
+        "curvature/trace",
+        "curvature/trace_lower",
+        "curvature/trace_upper",
+    )
+    llc = charts["λ̂ ± std over chains"].margin.series[0]
+    assert llc.value == "llc/lambda_hat"
+    tags = json.dumps([list(c.multiline.tag) for c in charts.values()])
+    for needed in ("lambda_max", "lambda_min", "ngd/kappa", "ngd/fisher_trace"):
+        assert needed in tags
