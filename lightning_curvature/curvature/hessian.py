@@ -43,7 +43,8 @@ class HessianOperator(ModelCurvatureOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, eval_mode, reduce_fn, graph_memory_budget, check_determinism
+    model, loss_fn, data, params, eval_mode, reduce_fn, graph_memory_budget, check_determinism,
+    vectorize_matmat
         See :class:`~lightning_curvature.curvature.model_operator.ModelCurvatureOperator`.
     method : {"auto", "double_backward", "forward_over_reverse"}
         How products are computed (module docstring).
@@ -72,6 +73,7 @@ class HessianOperator(ModelCurvatureOperator):
         method: str = "auto",
         graph_memory_budget: int | None = DEFAULT_GRAPH_MEMORY_BUDGET,
         check_determinism: bool = True,
+        vectorize_matmat: bool = False,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -84,6 +86,7 @@ class HessianOperator(ModelCurvatureOperator):
             reduce_fn=reduce_fn,
             graph_memory_budget=graph_memory_budget,
             check_determinism=check_determinism,
+            vectorize_matmat=vectorize_matmat,
         )
         if method == "auto":
             slow_conv = (
@@ -111,6 +114,7 @@ class HessianOperator(ModelCurvatureOperator):
     def _products(self, rows: Tensor, batched: bool) -> Tensor:
         if self.method == "double_backward":
             return super()._products(rows, batched)
+        batched = self.vectorize_matmat and rows.shape[0] > 1
         out = torch.zeros_like(rows)
         theta = self._theta
         with module_mode(self.model, self.eval_mode):
@@ -145,4 +149,4 @@ class HessianOperator(ModelCurvatureOperator):
 
         if batched:
             return vmap(hvp)(rows)
-        return hvp(rows[0])[None, :]
+        return torch.stack([hvp(r) for r in rows])

@@ -218,3 +218,14 @@ def test_float32_model_and_bad_input():
         HessianOperator(model, loss, (x, y), method="finite_difference")
     with pytest.raises(ValueError, match="graph_memory_budget"):
         HessianOperator(model, loss, (x, y), graph_memory_budget=-1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vectorized_matmat_agrees(method):
+    model, loss, x, y = make_case("conv_bn_ce")
+    hess = true_hessian(model, loss, x, y)
+    v = probes(hess.shape[0], 3)
+    op = HessianOperator(model, loss, (x, y), method=method, vectorize_matmat=True)
+    assert rel(op.matmat(v), hess @ v) < 1e-10
+    gop = GGNOperator(model, loss, (x, y), vectorize_matmat=True)
+    assert rel(gop.matmat(v), true_ggn(model, loss, x, y) @ v) < 1e-10
