@@ -1,0 +1,239 @@
+"""Choosing the SGLD step size: short chains over a grid of (ε, γ), with the evidence.
+
+SGLD has no accept/reject step, so a step size that is too large does not fail loudly: the chain
+becomes unstable in the stiffest direction (ε·nβ·h/2 > 2 for a curvature h) and the loss runs
+away, or, just below that, the discretization inflates the sampled loss and λ̂. A step size that
+is too small mixes slowly and leaves λ̂ biased towards its starting value. The usual advice
+(devinterp's calibration notebook; Lau et al. 2023, App. on hyperparameters) is to take the
+largest step size whose chains stay healthy; :func:`calibrate_sgld` does that sweep and keeps
+the traces to look at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor, nn
+
+from .llc import LLCEstimate, estimate_llc
+
+__all__ = ["SGLDCalibration", "calibrate_sgld"]
+
+LossFn = Callable[[object, object], Tensor]
+
+
+@dataclass
+class SGLDCalibration:
+    """Result of :func:`calibrate_sgld`.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per ``(localization, step_size)``: ``step_size, localization, llc_mean, llc_std,
+        r_hat, llc_drift, num_diverged, exceeds_bound, stable``.
+    estimates : list of LLCEstimate
+        The short-run estimates, in ``rows`` order (traces included).
+    recommended_step_size : float or None
+        Largest stable step size (for ``recommended_localization``); ``None`` if none is stable.
+    recommended_localization : float or None
+        The localization it was found with (the smallest swept γ that has a stable step, since
+        a weaker pull biases λ̂ least).
+    dim : int
+        Number of sampled parameters (λ ≤ d/2 is the bound used by ``exceeds_bound``).
+    seconds : float
+        Wall time of the sweep.
+    """
+
+    rows: list[dict]
+    estimates: list[LLCEstimate]
+    recommended_step_size: float | None
+    recommended_localization: float | None
+    dim: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The sweep as a plain-text table (one line per configuration)."""
+        head = (
+            f"{'gamma':>9} {'step_size':>10} {'llc_mean':>11} {'llc_std':>9} {'r_hat':>7} "
+            f"{'drift':>10} {'diverged':>8} {'>d/2':>5} {'stable':>6}"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            mark = " <- recommended" if (
+                r["step_size"] == self.recommended_step_size
+                and r["localization"] == self.recommended_localization
+            ) else ""  # fmt: skip
+            lines.append(
+                f"{r['localization']:>9.3g} {r['step_size']:>10.3g} {r['llc_mean']:>11.5g} "
+                f"{r['llc_std']:>9.3g} {r['r_hat']:>7.3f} {r['llc_drift']:>10.4g} "
+                f"{r['num_diverged']:>8d} {'yes' if r['exceeds_bound'] else 'no':>5} "
+                f"{'yes' if r['stable'] else 'no':>6}{mark}"
+            )
+        return "\n".join(lines)
+
+    def figure(self, *, max_abs_llc: float | None = None):
+        """Matplotlib figure: per localization, the running λ̂ and the loss trace per step size.
+
+        Top row: ``nβ·(running mean of the chain-mean loss − L_n(w*))`` against the draw
+        (a usable step size levels off); bottom row: the chain-mean minibatch loss itself
+        (diverged configurations are drawn dashed until they leave the axes).
+        """
+        import matplotlib.pyplot as plt
+
+        gammas = sorted({r["localization"] for r in self.rows})
+        fig, axes = plt.subplots(
+            2, len(gammas), figsize=(5.5 * len(gammas), 7), squeeze=False, sharex=True
+        )
+        steps = sorted({r["step_size"] for r in self.rows})
+        cmap = plt.get_cmap("viridis")
+        for j, gamma in enumerate(gammas):
+            ax_llc, ax_loss = axes[0, j], axes[1, j]
+            for r, est in zip(self.rows, self.estimates, strict=True):
+                if r["localization"] != gamma:
+                    continue
+                color = cmap(steps.index(r["step_size"]) / max(len(steps) - 1, 1))
+                trace = np.concatenate([est.burnin_trace, est.loss_trace], axis=1)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    mean_trace = trace.mean(axis=0)
+                    running = est.nbeta * (
+                        np.cumsum(mean_trace) / np.arange(1, mean_trace.size + 1) - est.init_loss
+                    )
+                style = "-" if r["stable"] else "--"
+                label = f"ε={r['step_size']:.2g}" + ("" if r["stable"] else " (unstable)")
+                ax_llc.plot(running, style, color=color, label=label)
+                ax_loss.plot(mean_trace, style, color=color, lw=0.8)
+            ax_llc.set_title(f"γ = {gamma:g}")
+            ax_llc.set_ylabel("running λ̂")
+            ax_loss.set_ylabel("minibatch loss (chain mean)")
+            ax_loss.set_xlabel("SGLD step")
+            ax_loss.set_yscale("log")
+            stable = [
+                est.llc_mean
+                for r, est in zip(self.rows, self.estimates, strict=True)
+                if r["stable"] and r["localization"] == gamma
+            ]
+            bound = max_abs_llc
+            if bound is None:
+                # Zoom on the stable runs: a diverged run would flatten every other curve.
+                bound = 1.5 * max([abs(v) for v in stable] + [1e-12]) if stable else self.dim / 2
+            ax_llc.set_ylim(-bound, bound)
+            ax_llc.axhline(0.0, color="grey", lw=0.5)
+            ax_llc.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+
+def calibrate_sgld(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: object,
+    *,
+    step_sizes: Sequence[float] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+    localizations: Sequence[float] = (100.0,),
+    num_chains: int = 2,
+    num_steps: int = 200,
+    nbeta: float | None = None,
+    n: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    eval_mode: bool | None = True,
+    runaway_factor: float = 100.0,
+    vectorize: bool | None = None,
+    **llc_kwargs,
+) -> SGLDCalibration:
+    """Sweep step sizes (and localizations) on short chains; recommend the largest stable ε.
+
+    A configuration is *stable* when none of its chains diverged (runaway rule of
+    ``diagnostics``), every per-chain λ̂ is finite, and λ̂ does not exceed d/2 (the learning
+    coefficient of a d-parameter model is at most d/2, so a larger value is discretization
+    blow-up). The recommendation is the largest stable ε for the smallest γ that has one. The
+    split-R̂ and the half-to-half drift of each row tell whether ``num_steps`` was long enough
+    at that ε (small ε: still climbing) — the figure shows the same thing.
+
+    Parameters
+    ----------
+    model, loss_fn, data, nbeta, n, batch_size, seed, eval_mode, vectorize
+        As in :func:`estimate_llc`.
+    step_sizes : sequence of float
+        Candidate ε (> 0).
+    localizations : sequence of float
+        Candidate γ (>= 0).
+    num_chains, num_steps : int
+        Short chains: ``num_steps`` draws each, no burn-in (the whole trace is the evidence).
+    runaway_factor : float
+        Runaway rule scale.
+    **llc_kwargs
+        Passed to :func:`estimate_llc` (e.g. ``params``, ``init_loss``).
+
+    Returns
+    -------
+    SGLDCalibration
+    """
+    steps = sorted(float(s) for s in step_sizes)
+    gammas = sorted(float(g) for g in localizations)
+    if not steps or any(not (s > 0 and math.isfinite(s)) for s in steps):
+        raise ValueError(f"step_sizes must be a non-empty list of finite values > 0, got {steps}")
+    if not gammas or any(not (g >= 0 and math.isfinite(g)) for g in gammas):
+        raise ValueError(
+            f"localizations must be a non-empty list of finite values >= 0, got {gammas}"
+        )
+    rows, estimates, seconds = [], [], 0.0
+    init_loss = llc_kwargs.pop("init_loss", None)
+    for gamma in gammas:
+        for eps in steps:
+            est = estimate_llc(
+                model,
+                loss_fn,
+                data,
+                num_chains=num_chains,
+                num_draws=num_steps,
+                num_burnin=0,
+                step_size=eps,
+                localization=gamma,
+                nbeta=nbeta,
+                n=n,
+                batch_size=batch_size,
+                seed=seed,
+                eval_mode=eval_mode,
+                runaway_factor=runaway_factor,
+                vectorize=vectorize,
+                init_loss=init_loss,
+                warn=False,
+                **llc_kwargs,
+            )
+            init_loss = est.init_loss  # computed once, reused for the rest of the grid
+            seconds += est.seconds
+            finite = bool(np.all(np.isfinite(est.llc_per_chain)))
+            exceeds = bool(finite and np.any(est.llc_per_chain > est.dim / 2))
+            stable = not est.diverged_chains and finite and not exceeds
+            rows.append(
+                {
+                    "step_size": eps,
+                    "localization": gamma,
+                    "llc_mean": est.llc_mean,
+                    "llc_std": est.llc_std,
+                    "r_hat": est.r_hat,
+                    "llc_drift": est.llc_drift,
+                    "num_diverged": len(est.diverged_chains),
+                    "exceeds_bound": exceeds,
+                    "stable": stable,
+                }
+            )
+            estimates.append(est)
+    best_eps = best_gamma = None
+    for gamma in gammas:
+        ok = [r["step_size"] for r in rows if r["localization"] == gamma and r["stable"]]
+        if ok:
+            best_eps, best_gamma = max(ok), gamma
+            break
+    notes = []
+    if best_eps is None:
+        notes.append("no swept step size is stable: try smaller step sizes or a larger γ")
+    elif best_eps == steps[-1]:
+        notes.append("the largest swept step size is stable: larger ones may be too")
+    dim = estimates[0].dim
+    return SGLDCalibration(rows, estimates, best_eps, best_gamma, dim, seconds, notes)
