@@ -230,7 +230,11 @@ def hessian_directions(
     generator : torch.Generator, optional
         Randomness for the Lanczos start vector.
     **lanczos_kwargs
-        Passed on (``max_iters``, ``tol``, ...).
+        Passed on (``max_iters``, ``tol``, ...). The engine's ``tol`` is relative to
+        ``max(|λ_max|, |λ_min|)``: a small negative ``λ_min`` next to a large ``λ_max`` (the usual
+        case near a trained point) is only resolved with ``tol`` well below
+        ``|λ_min| / λ_max``; check ``eigenpairs.residual_min`` before reading the sign of
+        ``lambda_min``.
 
     Returns
     -------

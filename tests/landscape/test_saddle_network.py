@@ -77,10 +77,31 @@ def test_engine_hessian_directions_find_the_saddle(saddle_point):
         pytest.skip("engine's extreme_eigenpairs not available yet")
     sp = saddle_point
     op = curvature.HessianOperator(sp.model, sp.loss_fn, sp.data)
-    hd = hessian_directions(op, generator=torch.Generator().manual_seed(0))
+    # tol is relative to max |λ| ≈ 13: resolving λ_min ≈ -0.01 needs tol well below 1e-3
+    hd = hessian_directions(
+        op, tol=1e-7, max_iters=2000, generator=torch.Generator().manual_seed(0)
+    )
+    assert hd.converged
     assert hd.lambda_max == pytest.approx(sp.evals[-1].item(), rel=1e-6)
     assert hd.lambda_min == pytest.approx(sp.evals[0].item(), rel=1e-4, abs=1e-6)
     assert abs(hd.v_max @ sp.evecs[:, -1]) == pytest.approx(1.0, abs=1e-6)
     assert abs(hd.v_min @ sp.evecs[:, 0]) == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(hd.v_min.norm().item(), 1.0, rtol=1e-10)
     _check_surfaces(sp, hd)
+
+
+def test_hessian_directions_on_a_diagonal_operator(helpers):
+    curvature = pytest.importorskip("lightning_curvature.curvature")
+    if not hasattr(curvature, "extreme_eigenpairs"):
+        pytest.skip("engine's extreme_eigenpairs not available yet")
+    h = torch.linspace(-1.0, 3.0, 60, dtype=torch.float64)
+    h = h[torch.randperm(60, generator=torch.Generator().manual_seed(0))]
+    hd = hessian_directions(
+        helpers.DiagonalOperator(h), tol=1e-8, generator=torch.Generator().manual_seed(1)
+    )
+    assert hd.lambda_max == pytest.approx(3.0, rel=1e-8)
+    assert hd.lambda_min == pytest.approx(-1.0, rel=1e-8)
+    assert abs(hd.v_max[int(torch.argmax(h))]) == pytest.approx(1.0, abs=1e-6)
+    assert abs(hd.v_min[int(torch.argmin(h))]) == pytest.approx(1.0, abs=1e-6)
+    assert hd.directions[0] is hd.v_max and hd.eigenvalues == (hd.lambda_max, hd.lambda_min)
+    assert hd.num_matvecs > 0 and hd.converged

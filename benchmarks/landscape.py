@@ -1,0 +1,298 @@
+"""Loss-landscape benchmark: a 21x21 grid on 2,048 Fashion-MNIST samples.
+
+For the MLP 784-128-10 and LeNet-5 this measures, in one process, medians of repeats:
+
+* ``floor``: 441 bare forward passes over the same data (``model(x)`` under ``no_grad``), the
+  least any grid evaluator must spend;
+* ``ours``: :func:`lightning_curvature.landscape.loss_surface` on filter-normalized random
+  directions (default settings), and its ratio to the floor (target <= 1.15);
+* ``loss-landscapes`` 3.0.6 ``random_plane`` with its default call (run in a subprocess with the
+  peer virtualenv, which also measures its own floor), and how far that call moved the weights
+  of the model it was given (ours must leave the module bitwise unchanged);
+* the Hessian-direction snapshot (Lanczos directions + grid) vs the random one (target <= 1.5x).
+
+Run (about 10 minutes on 2 shared CPU cores)::
+
+    LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. \\
+        python benchmarks/landscape.py [--models mlp lenet] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PEER_PYTHON = os.environ.get("PEER_PYTHON", "/work/peervenv/bin/python")
+
+
+# Defined here (not imported from lightning_curvature.models) so that the peer virtualenv, which
+# has no Lightning, can run this same file (``--peer-config``) and build the very same modules.
+def build_model(name: str) -> nn.Module:
+    """MLP 784-128-10 or LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, 120, 84, 10)."""
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    if name == "lenet":
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        )  # fmt: skip
+    raise ValueError(f"unknown model {name!r}")
+
+
+def bare_forward_floor(model: nn.Module, x: torch.Tensor, num: int) -> float:
+    """Seconds for ``num`` forward passes over ``x`` under ``no_grad`` in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        model(x)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(num):
+            model(x)
+    return time.perf_counter() - t0
+
+
+def peer_main(config: Path) -> None:
+    """Runs in the peer virtualenv: loss-landscapes' default ``random_plane`` call, timed."""
+    import loss_landscapes
+    from loss_landscapes.metrics import Loss
+
+    cfg = json.loads(config.read_text())
+    torch.set_num_threads(cfg["threads"])
+    blob = torch.load(cfg["blob"])
+    x, y = blob["x"], blob["y"]
+    out: dict = {"peer": [], "floor": [], "max_weight_change": []}
+    for r in range(cfg["repeats"]):
+        model = build_model(cfg["model"])
+        model.load_state_dict(blob["state"])
+        model.eval()
+        out["floor"].append(bare_forward_floor(model, x, cfg["steps"] ** 2))
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(r)  # loss-landscapes draws its directions from the global RNG
+        t0 = time.perf_counter()
+        grid = loss_landscapes.random_plane(
+            model, Loss(nn.CrossEntropyLoss(), x, y), distance=1, steps=cfg["steps"]
+        )
+        out["peer"].append(time.perf_counter() - t0)
+        out["max_weight_change"].append(
+            max(
+                (p.detach() - b).abs().max().item()
+                for p, b in zip(model.parameters(), before, strict=True)
+            )
+        )
+        out["grid_shape"] = list(grid.shape)
+    print(json.dumps(out))
+
+
+def load_fashion_mnist(num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First ``num`` training images (scaled to [0, 1]) and labels, read from the IDX .gz files."""
+    root = Path(os.environ.get("LIGHTNING_CURVATURE_DATA", "/work/shared/data")) / "fashion-mnist"
+    with gzip.open(root / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(root / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    x = torch.from_numpy(images[:num].astype(np.float32) / 255.0)
+    y = torch.from_numpy(labels[:num].astype(np.int64))
+    return x, y
+
+
+def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
+    """A few SGD epochs so the grid is centred on a trained point, not at initialization."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(128):
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+    for p in model.parameters():
+        p.grad = None
+
+
+def run_peer(name: str, state: dict, x, y, steps: int, repeats: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.save({"state": state, "x": x, "y": y}, tmp / "blob.pt")
+        cfg = {
+            "model": name,
+            "steps": steps,
+            "repeats": repeats,
+            "threads": threads,
+            "blob": str(tmp / "blob.pt"),
+        }
+        (tmp / "cfg.json").write_text(json.dumps(cfg))
+        proc = subprocess.run(
+            [PEER_PYTHON, __file__, "--peer-config", str(tmp / "cfg.json")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"loss-landscapes subprocess failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def state_equal(model: nn.Module, saved: dict) -> bool:
+    return all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def bench_model(name: str, args: argparse.Namespace, x, y) -> dict:
+    from lightning_curvature import curvature
+    from lightning_curvature.landscape import (
+        hessian_directions,
+        loss_surface,
+        random_directions,
+    )
+
+    torch.manual_seed(0)
+    model = build_model(name)
+    train_briefly(model, x, y, args.train_epochs)
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    num = args.steps**2
+    floors, ours, surfaces = [], [], []
+    for r in range(args.repeats):
+        floors.append(bare_forward_floor(model, x, num))
+        dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(r))
+        t0 = time.perf_counter()
+        surface = loss_surface(model, loss_fn, (x, y), dirs, steps=args.steps)
+        ours.append(time.perf_counter() - t0)
+        surfaces.append(surface)
+    unchanged = state_equal(model, saved)
+    result = {
+        "model": name,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "floor_s": statistics.median(floors),
+        "ours_s": statistics.median(ours),
+        "ours_over_floor": statistics.median(o / f for o, f in zip(ours, floors, strict=True)),
+        "vectorized": surfaces[-1].vectorized,
+        "chunk_size": surfaces[-1].chunk_size,
+        "ours_module_unchanged": unchanged,
+        "center_loss": surfaces[-1].center_loss,
+    }
+    if not args.skip_peer:
+        peer = run_peer(name, saved, x, y, args.steps, args.peer_repeats, args.threads)
+        result["peer_s"] = statistics.median(peer["peer"])
+        result["peer_floor_s"] = statistics.median(peer["floor"])
+        result["peer_over_its_floor"] = statistics.median(
+            p / f for p, f in zip(peer["peer"], peer["floor"], strict=True)
+        )
+        result["peer_max_weight_change"] = max(peer["max_weight_change"])
+    if hasattr(curvature, "extreme_eigenpairs"):
+        hess_times, rand_times = [], []
+        for r in range(args.snapshot_repeats):
+            t0 = time.perf_counter()
+            dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(r))
+            loss_surface(model, loss_fn, (x, y), dirs, steps=args.steps)
+            rand_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            op = curvature.HessianOperator(model, loss_fn, (x, y))
+            hd = hessian_directions(
+                op, max_iters=args.lanczos_iters, generator=torch.Generator().manual_seed(r)
+            )
+            hs = loss_surface(model, loss_fn, (x, y), hd, steps=args.steps)
+            hess_times.append(time.perf_counter() - t0)
+        result.update(
+            hessian_snapshot_s=statistics.median(hess_times),
+            random_snapshot_s=statistics.median(rand_times),
+            hessian_over_random=statistics.median(
+                h / r for h, r in zip(hess_times, rand_times, strict=True)
+            ),
+            lambda_max=hd.lambda_max,
+            lambda_min=hd.lambda_min,
+            lanczos_matvecs=hd.num_matvecs,
+            lanczos_converged=hd.converged,
+            lanczos_residuals=(
+                float(getattr(hd.eigenpairs, "residual_max", float("nan"))),
+                float(getattr(hd.eigenpairs, "residual_min", float("nan"))),
+            ),
+            hessian_grid_min=hs.grid_minimum(),
+        )
+        result["ours_module_unchanged"] = result["ours_module_unchanged"] and state_equal(
+            model, saved
+        )
+    return result
+
+
+def report(r: dict) -> None:
+    print(f"\n== {r['model']} ({r['num_params']:,} parameters), centre loss {r['center_loss']:.4f}")
+    print(f"  441 bare forwards (floor)       {r['floor_s']:7.2f} s")
+    print(
+        f"  ours (loss_surface)             {r['ours_s']:7.2f} s   = {r['ours_over_floor']:.2f}x "
+        f"floor   [target <= 1.15x]  (vmap={r['vectorized']}, chunk={r['chunk_size']})"
+    )
+    print(f"  ours: module bitwise unchanged  {r['ours_module_unchanged']}   [target True]")
+    if "peer_s" in r:
+        print(
+            f"  loss-landscapes random_plane    {r['peer_s']:7.2f} s   = "
+            f"{r['peer_over_its_floor']:.2f}x its floor ({r['peer_floor_s']:.2f} s); "
+            f"ours is {r['peer_s'] / r['ours_s']:.2f}x faster"
+        )
+        print(
+            f"  loss-landscapes moved weights by up to {r['peer_max_weight_change']:.3g} "
+            "(default call, deepcopy_model=False)"
+        )
+    if "hessian_snapshot_s" in r:
+        print(
+            f"  snapshot: Hessian {r['hessian_snapshot_s']:.2f} s vs random "
+            f"{r['random_snapshot_s']:.2f} s = {r['hessian_over_random']:.2f}x   "
+            "[target <= 1.5x]"
+        )
+        print(
+            f"    lambda_max={r['lambda_max']:.4g} lambda_min={r['lambda_min']:.4g} "
+            f"({r['lanczos_matvecs']} HVPs, converged={r['lanczos_converged']}, residuals="
+            f"{r['lanczos_residuals'][0]:.2g}/{r['lanczos_residuals'][1]:.2g})"
+        )
+    else:
+        print("  snapshot: engine's extreme_eigenpairs not available, skipped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "lenet"], choices=["mlp", "lenet"])
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-repeats", type=int, default=3)
+    parser.add_argument("--snapshot-repeats", type=int, default=3)
+    parser.add_argument("--lanczos-iters", type=int, default=40)
+    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--peer-config", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer_config is not None:
+        peer_main(args.peer_config)
+        return
+    torch.set_num_threads(args.threads)
+    x, y = load_fashion_mnist(args.samples)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.samples} samples, "
+        f"{args.steps}x{args.steps} grid, medians of {args.repeats} repeats"
+    )
+    results = []
+    for name in args.models:
+        r = bench_model(name, args, x, y)
+        report(r)
+        results.append(r)
+        sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
