@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerFactors", "is_factorable", "layer_inputs", "layer_output_grads"]
+__all__ = [
+    "LayerFactors",
+    "add_lower_block_gram",
+    "is_factorable",
+    "layer_inputs",
+    "layer_output_grads",
+]
 
 
 def is_factorable(module: nn.Module) -> bool:
@@ -84,6 +90,23 @@ def layer_output_grads(module: nn.Module, grad: Tensor, lead: int) -> Tensor:
         return g.transpose(-1, -2)
     shape = grad.shape
     return grad.reshape(*shape[: lead + 1], -1, shape[-1])
+
+
+def add_lower_block_gram(out: Tensor, rows: Tensor, factor: Tensor | None = None) -> None:
+    """``out += (X Xᵀ) ⊙ tile(factor)`` on the lower block triangle only, in place.
+
+    ``rows`` is ``(R, B, k)`` (``X`` = its ``(R·B, k)`` reshape), ``factor`` an optional ``(B, B)``
+    matrix multiplied elementwise into every ``B×B`` block. Blocks above the diagonal are left
+    untouched: for the true Fisher (``R = C`` groups) this halves the dominant cost, and the
+    Cholesky factorization reads only the lower triangle.
+    """
+    r, b = rows.shape[:2]
+    for i in range(r):
+        width = (i + 1) * b
+        blk = rows[i] @ rows[: i + 1].reshape(width, -1).T
+        if factor is not None:
+            blk = (blk.view(b, i + 1, b) * factor[:, None, :]).view(b, width)
+        out[i * b : width, :width] += blk.to(out.dtype)
 
 
 @dataclass
@@ -146,6 +169,28 @@ class LayerFactors:
             db = self.d.sum(2).reshape(n, o)
             k = k + db @ db.T
         return k
+
+    def add_gram_lower(self, out: Tensor) -> None:
+        """Add this layer's Gram to the lower block triangle of ``out`` ``(N, N)``, in place.
+
+        See :func:`add_lower_block_gram`. Falls back to the full Gram for the position-pair route.
+        """
+        r, b, t, o = self.d.shape
+        if t > 1 and self._use_pairs():
+            full = self.gram().to(out.dtype).view(r, b, r, b)
+            for i in range(r):
+                out[i * b : (i + 1) * b, : (i + 1) * b] += full[i, :, : i + 1].reshape(b, -1)
+            return
+        if t == 1:
+            a = self.a[:, 0]
+            ag = a @ a.T
+            if self.has_bias:
+                ag = ag + 1
+            add_lower_block_gram(out, self.d.reshape(r, b, o), ag)
+            return
+        add_lower_block_gram(out, self.per_sample_weight_grads().view(r, b, -1))
+        if self.has_bias:
+            add_lower_block_gram(out, self.d.sum(2))
 
     def combine(self, coeffs: Tensor) -> tuple[Tensor, Tensor | None]:
         """``Gᵀc`` for each column of ``coeffs`` ``(N, J)``: weights ``(J, out, in)``, biases."""

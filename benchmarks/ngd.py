@@ -1,0 +1,232 @@
+"""NGD step cost relative to SGD (time and peak memory), CPU, float32, batch 128.
+
+Targets (issue 4): NGD/SGD step-time ratio <= 3 (empirical Fisher) and <= 10 (true Fisher) for an
+MLP 784-256-256-10; for LeNet-5 report, aiming at <= 6 (empirical). A "step" is the whole
+training iteration (zero_grad, forward, mean cross-entropy, backward, update) so the ratio is what
+a training loop pays. Times are medians over interleaved repeats within one process; peak memory
+is the maximum resident set size of a separate subprocess per configuration (``ru_maxrss``),
+reported as the increase over the same process's RSS just before its first step.
+
+Data: Fashion-MNIST training batches when ``LIGHTNING_CURVATURE_DATA`` is set (``fashion-mnist/``
+IDX .gz files), random inputs and labels otherwise (the script says which).
+
+Run::
+
+    PYTHONPATH=. python benchmarks/ngd.py            # full table
+    PYTHONPATH=. python benchmarks/ngd.py --quick    # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_curvature.optim import NGD
+
+BATCH = 128
+
+
+class LeNet5(nn.Module):
+    """Classic LeNet-5 for 28x28 inputs: conv 6@5x5 (pad 2) - pool - conv 16@5x5 - pool - 120-84-10.
+
+    Local until ``lightning_curvature.models`` lands.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+MODELS = {"mlp": mlp, "lenet5": LeNet5}
+CONFIGS = {
+    "sgd": {},
+    "ngd-empirical": {"fisher_type": "empirical"},
+    "ngd-true": {"fisher_type": "true"},
+}
+
+
+def load_batches(num_batches: int, seed: int = 0) -> tuple[list[tuple[torch.Tensor, ...]], str]:
+    """``num_batches`` batches of (B, 1, 28, 28) float32 inputs and labels."""
+    root = os.environ.get("LIGHTNING_CURVATURE_DATA")
+    n = num_batches * BATCH
+    if root:
+        folder = Path(root) / "fashion-mnist"
+        with gzip.open(folder / "train-images-idx3-ubyte.gz", "rb") as f:
+            images = torch.frombuffer(bytearray(f.read()[16:]), dtype=torch.uint8)
+        with gzip.open(folder / "train-labels-idx1-ubyte.gz", "rb") as f:
+            labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8)
+        x = images.view(-1, 1, 28, 28)[:n].float() / 255.0
+        x = (x - 0.2860) / 0.3530
+        y = labels[:n].long()
+        source = f"Fashion-MNIST training images ({folder})"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (n,), generator=g)
+        source = "random inputs and labels (LIGHTNING_CURVATURE_DATA not set)"
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, n, BATCH)], source
+
+
+def make(model_name: str, config: str, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = MODELS[model_name]()
+    if config == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = NGD(model, lr=0.01, alpha=1.0, momentum=0.9, **CONFIGS[config])
+    return model, opt
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> float:
+    x, y = batch
+    loss_fn = nn.CrossEntropyLoss()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return float(opt.step(closure).detach())
+
+
+def time_ratios(model_name: str, repeats: int, steps: int, batches) -> dict[str, float]:
+    """Median seconds per step of every config, interleaved so drifts hit all alike."""
+    setups = {c: make(model_name, c) for c in CONFIGS}
+    for model, opt in setups.values():  # warm-up
+        for b in batches[:3]:
+            train_step(model, opt, b)
+    samples: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for r in range(repeats):
+        for c, (model, opt) in setups.items():
+            start = time.perf_counter()
+            for s in range(steps):
+                train_step(model, opt, batches[(r * steps + s) % len(batches)])
+            samples[c].append((time.perf_counter() - start) / steps)
+    return {c: statistics.median(v) for c, v in samples.items()}
+
+
+def memory_child(model_name: str, config: str, steps: int) -> None:
+    # Random batches of the same shape: reading the dataset would set the peak before training.
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+        for _ in range(4)
+    ]
+    model, opt = make(model_name, config)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for s in range(steps):
+        train_step(model, opt, batches[s % len(batches)])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_kb": base, "peak_kb": peak}))
+
+
+def peak_memory(model_name: str, config: str, steps: int, threads: int) -> dict[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            model_name,
+            config,
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"peak_mb": rec["peak_kb"] / 1024, "delta_mb": (rec["peak_kb"] - rec["base_kb"]) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CONFIG"))
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, steps=args.steps)
+        return
+    repeats = 5 if args.quick else 15
+    batches, source = load_batches(16)
+    print(f"data: {source}")
+    print(
+        f"torch {torch.__version__}, threads={args.threads}, float32, batch {BATCH}, "
+        f"{repeats} repeats x {args.steps} steps (medians)\n"
+    )
+    targets = {
+        ("mlp", "ngd-empirical"): 3.0,
+        ("mlp", "ngd-true"): 10.0,
+        ("lenet5", "ngd-empirical"): 6.0,
+    }
+    print(
+        f"{'model':8s} {'optimizer':14s} {'ms/step':>8s} {'xSGD':>6s} {'target':>7s} "
+        f"{'peak RSS MB':>11s} {'+MB in loop':>11s} {'xSGD':>6s}"
+    )
+    for name in args.models:
+        times = time_ratios(name, repeats, args.steps, batches)
+        mems = {c: peak_memory(name, c, args.steps, args.threads) for c in CONFIGS}
+        for c in CONFIGS:
+            ratio = times[c] / times["sgd"]
+            target = targets.get((name, c))
+            tgt = f"<= {target:g}" if target else "-"
+            mem_ratio = mems[c]["delta_mb"] / max(mems["sgd"]["delta_mb"], 1e-9)
+            flag = "" if target is None else (" ok" if ratio <= target else " MISS")
+            print(
+                f"{name:8s} {c:14s} {times[c] * 1e3:8.2f} {ratio:6.2f} {tgt:>7s} "
+                f"{mems[c]['peak_mb']:11.0f} {mems[c]['delta_mb']:11.1f} {mem_ratio:6.2f}{flag}"
+            )
+
+
+if __name__ == "__main__":
+    main()
