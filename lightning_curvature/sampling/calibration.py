@@ -99,9 +99,13 @@ class SGLDCalibration:
                 trace = np.concatenate([est.burnin_trace, est.loss_trace], axis=1)
                 with np.errstate(invalid="ignore", over="ignore"):
                     mean_trace = trace.mean(axis=0)
-                    running = est.nbeta * (
-                        np.cumsum(mean_trace) / np.arange(1, mean_trace.size + 1) - est.init_loss
-                    )
+                # Runaway values would overflow the log axis; they leave the plot instead.
+                mean_trace = np.where(
+                    np.isfinite(mean_trace) & (np.abs(mean_trace) < 1e30), mean_trace, np.nan
+                )
+                running = est.nbeta * (
+                    np.cumsum(mean_trace) / np.arange(1, mean_trace.size + 1) - est.init_loss
+                )
                 style = "-" if r["stable"] else "--"
                 label = f"ε={r['step_size']:.2g}" + ("" if r["stable"] else " (unstable)")
                 ax_llc.plot(running, style, color=color, label=label)
@@ -121,6 +125,16 @@ class SGLDCalibration:
                 # Zoom on the stable runs: a diverged run would flatten every other curve.
                 bound = 1.5 * max([abs(v) for v in stable] + [1e-12]) if stable else self.dim / 2
             ax_llc.set_ylim(-bound, bound)
+            stable_losses = [
+                np.concatenate([est.burnin_trace, est.loss_trace], axis=1)
+                for r, est in zip(self.rows, self.estimates, strict=True)
+                if r["stable"] and r["localization"] == gamma
+            ]
+            if stable_losses:
+                lo = min(float(np.min(t)) for t in stable_losses)
+                hi = max(float(np.max(t)) for t in stable_losses)
+                if lo > 0 and np.isfinite(hi):
+                    ax_loss.set_ylim(0.8 * lo, 10 * hi)
             ax_llc.axhline(0.0, color="grey", lw=0.5)
             ax_llc.legend(fontsize=7)
         fig.tight_layout()
@@ -148,7 +162,7 @@ def calibrate_sgld(
     """Sweep step sizes (and localizations) on short chains; recommend the largest stable ε.
 
     A configuration is *stable* when none of its chains diverged (runaway rule of
-    ``diagnostics``), every per-chain λ̂ is finite, and λ̂ does not exceed d/2 (the learning
+    ``diagnostics``), every per-chain λ̂ is finite, and the mean λ̂ does not exceed d/2 (the learning
     coefficient of a d-parameter model is at most d/2, so a larger value is discretization
     blow-up). The recommendation is the largest stable ε for the smallest γ that has one. The
     split-R̂ and the half-to-half drift of each row tell whether ``num_steps`` was long enough
@@ -208,7 +222,7 @@ def calibrate_sgld(
             init_loss = est.init_loss  # computed once, reused for the rest of the grid
             seconds += est.seconds
             finite = bool(np.all(np.isfinite(est.llc_per_chain)))
-            exceeds = bool(finite and np.any(est.llc_per_chain > est.dim / 2))
+            exceeds = bool(finite and est.llc_mean > est.dim / 2)
             stable = not est.diverged_chains and finite and not exceeds
             rows.append(
                 {
