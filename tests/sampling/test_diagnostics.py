@@ -23,10 +23,10 @@ def test_split_r_hat_is_one_for_stationary_chains_and_flags_drift_and_disagreeme
     assert split_r_hat(iid) == pytest.approx(1.0, abs=0.01)
     shifted = iid + np.arange(4)[:, None]
     assert split_r_hat(shifted) > 1.5
-    trending = iid + np.linspace(0.0, 1.0, 2000)[None, :]  # still climbing: no burn-in
-    assert split_r_hat(trending) > 1.05
+    trending = iid + np.linspace(0.0, 2.0, 2000)[None, :]  # still climbing: no burn-in
+    assert split_r_hat(trending) > 1.1
     # With one chain, splitting still detects a trend.
-    assert split_r_hat(trending[:1]) > 1.05
+    assert split_r_hat(trending[:1]) > 1.1
 
 
 def test_split_r_hat_undefined_cases():
