@@ -47,14 +47,19 @@ def test_two_processes_measure_what_one_process_measures(tiny, tmp_path):
     _run(2, str(tmp_path / "two"))
     one = tiny.scalars(str(tmp_path / "one" / "tb" / "version_0"))
     two = tiny.scalars(str(tmp_path / "two" / "tb" / "version_0"))
-    compared = 0
+    compared, bad = 0, []
     for tag, series in one.items():
         if tag.startswith("time/"):
             continue
         assert tag in two, tag
+        # The HVP-free trace divides float32 loss differences by radius^2, which amplifies the
+        # reduction-order rounding of the loss (~1e-7 relative) about a thousandfold.
+        rel = 5e-3 if tag.startswith("landscape/projection_trace") else 2e-4
         for step, value in series.items():
             other = two[tag][step]
             assert math.isfinite(other)
-            assert other == pytest.approx(value, rel=2e-4, abs=1e-5), (tag, step)
+            if other != pytest.approx(value, rel=rel, abs=1e-5):
+                bad.append((tag, step, value, other))
             compared += 1
+    assert not bad
     assert compared >= 2 * 12

@@ -1,0 +1,234 @@
+"""Callback overhead: what each curvature callback adds to a CPU training epoch at its defaults.
+
+Setup (issue 6): Fashion-MNIST 60k training images, MLP 784-256-256-10, SGD (lr 0.01, momentum
+0.9), batch 128, CPU. Two fits in one process, same seed:
+
+1. baseline: ``--epochs`` epochs with no callback; the epoch time is the median over epochs
+   after the first (the first pays one-off costs);
+2. suite: the same with the full default suite. Every hook of every callback is timed by a
+   wrapper, so each callback's cost is attributed to it even though they run together. For the
+   timing run every callback measures every epoch (``every_n_epochs=1``); the table then
+   amortizes one measurement over the callback's default ``every_n_epochs``.
+
+The last epoch is reported (warm starts active, one-off costs such as gathering the measurement
+set excluded). The accuracy the defaults buy is printed from the same measurement: Hutch++
+stderr, Lanczos residuals, LLC std over chains and R-hat, saddle-fraction and projection-trace
+stderr.
+
+Run (about 2-4 minutes on 2 shared cores)::
+
+    LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. python benchmarks/overhead.py
+
+``--train-subset N`` trains on N images only (a quick smoke run; overhead ratios then change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import lightning_curvature.callbacks as cb
+
+HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+TARGET = 0.50
+
+
+class HookTimer:
+    """Wrap every hook of ``callback`` and accumulate its wall time per epoch."""
+
+    def __init__(self, callback: L.Callback) -> None:
+        self.callback = callback
+        self.seconds: dict[int, float] = {}
+        for name in HOOKS:
+            original = getattr(callback, name)
+            setattr(callback, name, self._timed(original))
+
+    def _timed(self, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(trainer: L.Trainer, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(trainer, *args, **kwargs)
+            finally:
+                epoch = trainer.current_epoch
+                self.seconds[epoch] = self.seconds.get(epoch, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+
+class EpochTimer(L.Callback):
+    """Wall time from the start of an epoch to the end of every other callback's epoch-end hook."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.seconds[trainer.current_epoch] = time.perf_counter() - self._start
+
+
+def default_suite() -> list[L.Callback]:
+    """The defaults, except ``every_n_epochs=1`` so every callback measures in the timed epoch."""
+    suite = cb.default_callbacks()
+    for c in suite:
+        if isinstance(c, cb.CurvatureCallback):
+            c.default_every_n_epochs = c.every_n_epochs
+            c.every_n_epochs = 1
+    return suite
+
+
+def fit(datamodule: Any, callbacks: list[L.Callback], epochs: int, seed: int, log_dir: str) -> Any:
+    from lightning_curvature.models import MLP, ImageClassifier
+
+    torch.manual_seed(seed)
+    module = ImageClassifier(MLP(784, (256, 256), 10), optimizer="sgd", lr=0.01, momentum=0.9)
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=TensorBoardLogger(log_dir, name="overhead"),
+        callbacks=[*callbacks, timer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer, module
+
+
+def accuracy_notes(suite: list[L.Callback]) -> dict[str, str]:
+    notes: dict[str, str] = {}
+    for c in suite:
+        m = getattr(c, "last_measurement", None)
+        if m is None:
+            continue
+        s = m.scalars
+        if isinstance(c, cb.HessianTrace):
+            notes[c.name] = (
+                f"tr H = {s['curvature/trace']:.4g} ± {s['curvature/trace_stderr']:.2g} "
+                f"({100 * s['curvature/trace_stderr'] / abs(s['curvature/trace']):.1f}% stderr)"
+            )
+        elif isinstance(c, cb.HessianEigenvalues):
+            notes[c.name] = (
+                f"λmax = {s['curvature/lambda_max']:.4g} (residual "
+                f"{s['curvature/lambda_max_residual']:.2g}), λmin = "
+                f"{s['curvature/lambda_min']:.3g} "
+                f"(residual {s['curvature/lambda_min_residual']:.2g})"
+            )
+        elif isinstance(c, cb.HessianSpectrum):
+            notes[c.name] = f"negative fraction = {s['curvature/negative_fraction']:.3f}"
+        elif isinstance(c, cb.LocalLearningCoefficient):
+            notes[c.name] = (
+                f"λ̂ = {s['llc/lambda_hat']:.4g} ± {s['llc/lambda_hat_std']:.2g} (std over "
+                f"{c.num_chains} chains), R̂ = {s.get('llc/r_hat', float('nan')):.3g}"
+            )
+        elif isinstance(c, cb.LossProjection):
+            notes[c.name] = (
+                f"saddle fraction = {s['landscape/random_saddle_fraction']:.2f} of "
+                f"{c.num_random_projections}; HVP-free tr H = "
+                f"{s['landscape/projection_trace']:.4g} ± "
+                f"{s['landscape/projection_trace_stderr']:.2g}"
+            )
+    return notes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=str, default=None, help="also write results here")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+    from lightning_curvature.data import MNISTDataModule
+
+    dm = MNISTDataModule(
+        "fashion_mnist", batch_size=128, val_size=0, train_subset=args.train_subset, seed=0
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        base_timer, _ = fit(dm, [], args.epochs, args.seed, tmp)
+        suite = default_suite()
+        hook_timers = [HookTimer(c) for c in suite]
+        suite_timer, _ = fit(dm, suite, args.epochs, args.seed, tmp)
+
+    last = args.epochs - 1
+    later = [base_timer.seconds[e] for e in range(1, args.epochs)] or [base_timer.seconds[0]]
+    epoch = statistics.median(later)
+    rows = []
+    total = 0.0
+    for c, ht in zip(suite, hook_timers, strict=True):
+        per_measurement = ht.seconds.get(last, 0.0)
+        every = getattr(c, "default_every_n_epochs", 1)
+        amortized = per_measurement / every
+        total += amortized
+        rows.append(
+            (c.name if hasattr(c, "name") else type(c).__name__, per_measurement, every, amortized)
+        )
+    wall_suite = suite_timer.seconds[last]
+    notes = accuracy_notes(suite)
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"train images {args.train_subset or 60000}, epochs {args.epochs}"
+    )
+    print(f"baseline epoch (no callbacks): {epoch:.2f} s")
+    print()
+    print(f"{'callback':<26}{'s/measurement':>14}{'every_n':>9}{'s/epoch':>10}{'% epoch':>9}")
+    for name, per, every, amort in rows:
+        print(f"{name:<26}{per:>14.3f}{every:>9d}{amort:>10.3f}{100 * amort / epoch:>8.1f}%")
+    print(
+        f"{'full suite (amortized)':<26}{'':>14}{'':>9}{total:>10.3f}{100 * total / epoch:>8.1f}%"
+    )
+    print(f"target: <= {100 * TARGET:.0f}% -> {'PASS' if total <= TARGET * epoch else 'FAIL'}")
+    print(
+        f"cross-check, epoch {last} wall with every callback measuring: {wall_suite:.2f} s "
+        f"(+{100 * (wall_suite - epoch) / epoch:.0f}% vs baseline)"
+    )
+    print()
+    for name, note in notes.items():
+        print(f"{name}: {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "epoch_seconds": epoch,
+                    "rows": rows,
+                    "total_amortized": total,
+                    "wall_suite_epoch": wall_suite,
+                    "notes": notes,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
