@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,6 +91,29 @@ class _Capture:
     output_grad: Tensor | None = None
     true_cotangents: Tensor | None = None  # (C, B, C): √p_ic (e_c − p_i)
     probs: Tensor | None = None  # (B, C) softmax, float64
+
+
+class _Hook:
+    """A module hook that calls the optimizer through a weak reference.
+
+    A deep copy (or pickle) of the model gets an inert hook instead of a copy of the optimizer:
+    the copy's parameters are not the ones this optimizer updates.
+    """
+
+    def __init__(self, optimizer: NGD | None, method: str) -> None:
+        self._ref = weakref.ref(optimizer) if optimizer is not None else None
+        self._method = method
+
+    def __call__(self, *args: object) -> None:
+        opt = self._ref() if self._ref is not None else None
+        if opt is not None:
+            getattr(opt, self._method)(*args)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return _Hook(None, self._method)
+
+    def __reduce__(self) -> tuple:
+        return (_Hook, (None, self._method))
 
 
 def _check_number(
@@ -252,9 +276,9 @@ class NGD(torch.optim.Optimizer):
         self._capture: _Capture | None = None
         self._warned: set[str] = set()
         self.stats: dict[str, float | int | bool] = {}
-        self._handles = [model.register_forward_hook(self._root_hook, with_kwargs=True)]
+        self._handles = [model.register_forward_hook(_Hook(self, "_root_hook"), with_kwargs=True)]
         for m in self._layers:
-            self._handles.append(m.register_forward_hook(self._layer_hook))
+            self._handles.append(m.register_forward_hook(_Hook(self, "_layer_hook")))
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             warnings.warn(
                 "NGD: the model has BatchNorm layers; in train mode they couple the samples of a "
