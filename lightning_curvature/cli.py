@@ -395,6 +395,7 @@ def make_report(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     logdir = Path(logdir)
     runs = find_runs(logdir)
@@ -429,6 +430,7 @@ def make_report(
             plotted = True
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if not plotted:
             ax.text(0.5, 0.5, f"no '{tag}' logged", ha="center", va="center",
