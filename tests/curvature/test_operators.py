@@ -16,7 +16,7 @@ from lightning_curvature.curvature import (
 )
 from tests.curvature.ground_truth import CASES, make_case, true_ggn, true_hessian
 
-METHODS = ["double_backward", "forward_over_reverse"]
+METHODS = ["double_backward", "forward_over_reverse", "linearize"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -229,3 +229,21 @@ def test_vectorized_matmat_agrees(method):
     assert rel(op.matmat(v), hess @ v) < 1e-10
     gop = GGNOperator(model, loss, (x, y), vectorize_matmat=True)
     assert rel(gop.matmat(v), true_ggn(model, loss, x, y) @ v) < 1e-10
+
+
+def test_auto_switches_to_linearize_for_float32_conv_nets():
+    model, loss, x, y = make_case("conv_bn_ce")
+    hess = true_hessian(model, loss, x, y)
+    model, x = model.float(), x.float()
+    op = HessianOperator(model, loss, (x, y))
+    assert op.method == "double_backward"
+    v = probes(op.dim, 12)
+    first = op.matmat(v[:, :4])
+    assert op.method == "double_backward" and op.graph_bytes > 0
+    rest = op.matmat(v[:, 4:])  # past LINEARIZE_AFTER products
+    assert op.method == "linearize" and op.graph_bytes == 0
+    assert rel(torch.cat([first, rest], dim=1).double(), hess @ v) < 1e-5
+    f64 = HessianOperator(model.double(), loss, (x.double(), y))
+    assert f64.method == "forward_over_reverse"
+    mlp, mloss, mx, my = make_case("tanh_mlp_ce")
+    assert HessianOperator(mlp, mloss, (mx, my)).method == "double_backward"
