@@ -89,8 +89,9 @@ class _Capture:
     kwargs: dict = field(default_factory=dict)
     output: Tensor | None = None
     output_grad: Tensor | None = None
-    true_cotangents: Tensor | None = None  # (C, B, C): √p_ic (e_c − p_i)
-    probs: Tensor | None = None  # (B, C) softmax, float64
+    true_cotangents: Tensor | None = None  # (C − 1, B, C) factor of diag p − p pᵀ per sample
+    fisher_chol: Tensor | None = None  # (B, C − 1, C − 1) Cholesky of diag q − q qᵀ, float64
+    fisher_keep: Tensor | None = None  # (B, C) mask of the non-reference classes
 
 
 class _Hook:
@@ -358,12 +359,24 @@ class NGD(torch.optim.Optimizer):
             )
         probs = torch.softmax(output.detach().double(), dim=-1)
         probs = probs.clamp_min(torch.finfo(output.dtype).tiny)
-        num_classes = probs.shape[1]
-        eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
-        # U[c, i] = √p_ic (e_c − p_i): Σ_c U[c,i] U[c,i]ᵀ = diag p_i − p_i p_iᵀ.
-        cot = probs.T.sqrt()[:, :, None] * (eye[:, None, :] - probs[None])
-        cap.probs = probs
-        cap.true_cotangents = cot.to(output.dtype)
+        batch, num_classes = probs.shape
+        if num_classes < 2:
+            raise ValueError("fisher_type='true' needs at least 2 classes (logits of shape (B, C))")
+        # diag p − p pᵀ has the null vector 1, so C − 1 pseudo-samples per input suffice:
+        # with r = argmax p (the reference class) and q = p without r,
+        # diag p − p pᵀ = Mᵀ (diag q − q qᵀ) M,  M = [I, −1] (drop r, subtract the r-th entry),
+        # and with diag q − q qᵀ = L Lᵀ the cotangents are the C − 1 columns of Mᵀ L.
+        ref = probs.argmax(-1)
+        rows = torch.arange(batch, device=probs.device)
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        keep[rows, ref] = False
+        q = probs[keep].view(batch, num_classes - 1)
+        chol = torch.linalg.cholesky(torch.diag_embed(q) - q[:, :, None] * q[:, None, :])
+        cot = probs.new_zeros(batch, num_classes, num_classes - 1)
+        cot[keep] = chol.reshape(-1, num_classes - 1)
+        cot[rows, ref] = -chol.sum(1)
+        cap.fisher_chol, cap.fisher_keep = chol, keep
+        cap.true_cotangents = cot.permute(2, 0, 1).to(output.dtype)  # (C − 1, B, C)
         calls = [c for cs in cap.calls.values() for c in cs if c.z is not None]
         if not calls or not output.requires_grad:
             return
@@ -563,8 +576,7 @@ class NGD(torch.optim.Optimizer):
             f.add_gram_lower(gram)
         if fallback_g is not None:
             add_lower_block_gram(gram, fallback_g.view(reps, batch, -1))
-        gram = gram.double()
-        fisher_trace = float(gram.diagonal().sum()) / batch
+        fisher_trace = float(gram.diagonal().double().sum()) / batch
         kappa = alpha * max(fisher_trace, eps) / self.layout.dim
         if not (math.isfinite(fisher_trace) and math.isfinite(kappa) and kappa > 0):
             self._skip("the Fisher is not finite", fisher_trace=fisher_trace)
@@ -574,34 +586,42 @@ class NGD(torch.optim.Optimizer):
         if true:
             if delta is None:
                 raise RuntimeError("NGD: the output gradient was not captured")
-            v = (delta.double() / cap.probs.sqrt()).T.reshape(n)
+            # δ_i = Mᵀ y_i with y_i = δ_i without the reference class (δ_i sums to zero), so
+            # the coefficients of the pseudo-samples Mᵀ L are v_i = L⁻¹ y_i.
+            y = delta.double()[cap.fisher_keep].view(batch, -1, 1)
+            v = torch.linalg.solve_triangular(cap.fisher_chol, y, upper=False)
+            v = v[..., 0].T.reshape(n)
         else:
             v = torch.full((n,), 1.0 / batch, dtype=torch.float64, device=device)
         # ‖Gᵀv‖² = vᵀKv (K stored as its lower block triangle L: K = L + Lᵀ − blockdiag).
-        span_sq = 2 * float(v @ (gram @ v))
-        for i in range(reps):
-            block = slice(i * batch, (i + 1) * batch)
-            span_sq -= float(v[block] @ (gram[block, block] @ v[block]))
+        v_work = v.to(gram.dtype)
+        span_sq = float(v_work @ _block_lower_matvec(gram, v_work, reps, batch))
 
         def g_transpose(columns: Tensor) -> Tensor:
             """``Gᵀ columns`` for ``columns`` (N, J) → (J, d) in the parameter dtype."""
-            out = torch.zeros(columns.shape[1], self.layout.dim, dtype=dtype, device=device)
+            j = columns.shape[1]
+            pieces: dict[int, Tensor] = {}  # slice start → (J, width), assembled in layout order
             for f, ws, bs in factors:
                 w, b = f.combine(columns)
-                out[:, ws] = w.reshape(columns.shape[1], -1).to(dtype)
+                pieces[ws.start] = w.reshape(j, -1).to(dtype)
                 if bs is not None:
-                    out[:, bs] = b.to(dtype)
+                    pieces[bs.start] = b.to(dtype)
             if fallback_g is not None:
                 prod = (fallback_g.T @ columns.to(fallback_g.dtype)).T.to(dtype)
                 start = 0
                 for sl in fallback_slices:
                     width = sl.stop - sl.start
-                    out[:, sl] = prod[:, start : start + width]
+                    pieces[sl.start] = prod[:, start : start + width]
                     start += width
-            return out
+            for sl in self.layout.slices().values():
+                if sl.start not in pieces:  # parameter never reached by the loss: zero gradient
+                    pieces[sl.start] = torch.zeros(
+                        j, sl.stop - sl.start, dtype=dtype, device=device
+                    )
+            return torch.cat([pieces[k] for k in sorted(pieces)], dim=1)
 
         gram.diagonal().add_(batch * kappa)
-        solve = _spd_solver(gram, batch * kappa)
+        solve, precision = _spd_solver(gram, batch * kappa)
         coeff = batch * solve(v[:, None])[:, 0]
         direction = g_transpose(coeff[:, None])[0]
 
@@ -653,12 +673,15 @@ class NGD(torch.optim.Optimizer):
                 else:
                     buf.mul_(momentum).add_(d_p)
                 d_p = buf
-            update = d_p * lr
             if weight_decay > 0:
-                update = update + p * (lr * weight_decay)
-            flat_update = update.reshape(-1)
-            sq_norm += float(torch.dot(flat_update, flat_update))
-            p.sub_(update)
+                update = d_p * lr + p * (lr * weight_decay)
+                flat_update = update.reshape(-1)
+                sq_norm += float(torch.dot(flat_update, flat_update))
+                p.sub_(update)
+            else:
+                flat_dir = d_p.reshape(-1)
+                sq_norm += lr * lr * float(torch.dot(flat_dir, flat_dir))
+                p.add_(d_p, alpha=-lr)
         self.stats = {
             "kappa": kappa,
             "fisher_trace": fisher_trace,
@@ -666,19 +689,36 @@ class NGD(torch.optim.Optimizer):
             "grad_residual": rel_residual,
             "num_pseudo_samples": n,
             "batch_size": batch,
+            "solve_precision": precision,
             "skipped": False,
         }
 
 
-def _spd_solver(system: Tensor, shift: float) -> Callable[[Tensor], Tensor]:
-    """Solver for the SPD ``system = K + shift·I``, of which only the lower triangle is read.
+def _block_lower_matvec(lower: Tensor, x: Tensor, reps: int, batch: int) -> Tensor:
+    """``M x`` for the symmetric ``M`` stored as its lower block triangle (``reps`` blocks)."""
+    y = lower @ x + lower.T @ x
+    for i in range(reps):
+        block = slice(i * batch, (i + 1) * batch)
+        y[block] -= lower[block, block] @ x[block]
+    return y
 
-    Cholesky; if rounding made the factorization fail, an eigendecomposition with the spectrum
-    clamped at ``shift`` (the exact matrix has no eigenvalue below it).
+
+def _spd_solver(system: Tensor, shift: float) -> tuple[Callable[[Tensor], Tensor], str]:
+    """Solver for the SPD ``system = K + shift·I`` stored as its lower block triangle.
+
+    Cholesky in the precision of ``system``: a float32 Gram matrix is only float32-accurate, so
+    factorizing it in float32 (twice as fast) loses nothing. If that breaks down (κ so small that
+    cond·ε₃₂ ≳ 1) the factorization is redone in float64; if even that fails through rounding, an
+    eigendecomposition with the spectrum clamped at ``shift`` (the exact matrix has no
+    eigenvalue below it) is used. Only lower triangles are read. Solutions come back as float64.
     """
     chol, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
-        return lambda rhs: torch.cholesky_solve(rhs, chol)
+        return (lambda rhs: torch.cholesky_solve(rhs.to(chol.dtype), chol).double()), str(
+            system.dtype
+        ).removeprefix("torch.")
+    if system.dtype != torch.float64:
+        return _spd_solver(system.double(), shift)
     evals, evecs = torch.linalg.eigh(system)  # reads the lower triangle too
     evals = evals.clamp_min(shift)
-    return lambda rhs: evecs @ ((evecs.T @ rhs) / evals[:, None])
+    return (lambda rhs: evecs @ ((evecs.T @ rhs) / evals[:, None])), "float64-eigh"
