@@ -194,8 +194,8 @@ class CurvatureCallback(Callback):
     def __init__(
         self,
         *,
-        num_samples: int | None = 1024,
-        batch_size: int | None = 1024,
+        num_samples: int | None = 512,
+        batch_size: int | None = 512,
         every_n_epochs: int = 1,
         seed: int = 0,
         loss_fn: LossFn | None = None,

@@ -26,14 +26,14 @@ class HessianEigenvalues(CurvatureCallback):
     Parameters
     ----------
     max_iters : int
-        Lanczos iterations at most (one HVP each). Default 30.
+        Lanczos iterations at most (one HVP each). Default 20.
     tol : float
         Relative residual at which Lanczos stops early. Default 1e-3.
     num_samples, batch_size, every_n_epochs, seed, loss_fn, eval_mode, measure_on_train_start
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
     """
 
-    def __init__(self, *, max_iters: int = 30, tol: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(self, *, max_iters: int = 20, tol: float = 1e-3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_iters = check_int("max_iters", max_iters, 2)
         self.tol = check_float("tol", tol, low=0.0, high=1.0, low_open=True)

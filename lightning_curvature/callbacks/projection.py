@@ -76,9 +76,10 @@ class LossProjection(CurvatureCallback):
         tol: float = 1e-3,
         normalization: str | None = "filter",
         num_samples: int | None = 512,
+        every_n_epochs: int = 5,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, **kwargs)
+        super().__init__(num_samples=num_samples, every_n_epochs=every_n_epochs, **kwargs)
         self.steps = check_int("steps", steps, 3)
         self.extent = check_float("extent", extent, low=0.0, low_open=True)
         self.num_random_projections = check_int("num_random_projections", num_random_projections, 1)

@@ -45,6 +45,7 @@ def dataset() -> TensorDataset:
 
 def suite() -> list:
     shared = {"num_samples": 63, "batch_size": 16, "seed": 1, "measure_on_train_start": True}
+    shared["every_n_epochs"] = 1
     return [
         cb.HessianTrace(num_matvecs=12, **shared),
         cb.HessianEigenvalues(max_iters=15, **shared),

@@ -33,7 +33,8 @@ SMALL = {"num_samples": 64, "batch_size": 32}
 
 
 def small_suite(seed: int = 0, measure_on_train_start: bool = False, **extra):
-    shared = dict(SMALL, seed=seed, measure_on_train_start=measure_on_train_start, **extra)
+    shared = dict(SMALL, seed=seed, measure_on_train_start=measure_on_train_start, every_n_epochs=1)
+    shared.update(extra)
     return [
         cb.HessianTrace(num_matvecs=12, **shared),
         cb.HessianEigenvalues(max_iters=20, **shared),
