@@ -595,7 +595,10 @@ class NGD(torch.optim.Optimizer):
             v = torch.full((n,), 1.0 / batch, dtype=torch.float64, device=device)
         # ‖Gᵀv‖² = vᵀKv (K stored as its lower block triangle L: K = L + Lᵀ − blockdiag).
         v_work = v.to(gram.dtype)
-        span_sq = float(v_work @ _block_lower_matvec(gram, v_work, reps, batch))
+        span_sq = 2 * float(v_work @ (gram @ v_work))
+        for i in range(reps):
+            block = slice(i * batch, (i + 1) * batch)
+            span_sq -= float(v_work[block] @ (gram[block, block] @ v_work[block]))
 
         def g_transpose(columns: Tensor) -> Tensor:
             """``Gᵀ columns`` for ``columns`` (N, J) → (J, d) in the parameter dtype."""
@@ -692,15 +695,6 @@ class NGD(torch.optim.Optimizer):
             "solve_precision": precision,
             "skipped": False,
         }
-
-
-def _block_lower_matvec(lower: Tensor, x: Tensor, reps: int, batch: int) -> Tensor:
-    """``M x`` for the symmetric ``M`` stored as its lower block triangle (``reps`` blocks)."""
-    y = lower @ x + lower.T @ x
-    for i in range(reps):
-        block = slice(i * batch, (i + 1) * batch)
-        y[block] -= lower[block, block] @ x[block]
-    return y
 
 
 def _spd_solver(system: Tensor, shift: float) -> tuple[Callable[[Tensor], Tensor], str]:

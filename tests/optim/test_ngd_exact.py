@@ -318,3 +318,24 @@ def test_true_fisher_matches_sampled_labels():
     # ... and an empirical-Fisher step is measurably different (the test can fail).
     moved_emp, _, _ = ngd_step(model, x, y, lr=1.0, alpha=1.0, fisher_type="empirical")
     assert rel_err(moved_emp, delta_mc) > 0.1
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_float32_step_matches_dense_float64_solve(fisher_type):
+    """The float32 path (float32 Gram and Cholesky) is accurate to float32 conditioning."""
+    model64, x64, y = make("conv", batch=16)
+    delta, _, _, _ = dense_step(model64, x64, y, fisher_type, alpha=1.0)
+    model32 = copy.deepcopy(model64).float()
+    moved, opt, _ = ngd_step(model32, x64.float(), y, lr=1.0, alpha=1.0, fisher_type=fisher_type)
+    assert opt.stats["solve_precision"] == "float32"
+    assert rel_err(moved.double(), delta) <= 1e-3
+
+
+def test_float32_breakdown_falls_back_to_float64():
+    """K is singular (N = 2·64 pseudo-samples > d = 83) and κ ≈ 0: float32 Cholesky breaks
+    down and the step is redone in float64."""
+    model64, x64, y = make("mlp", batch=64)
+    model32 = copy.deepcopy(model64).float()
+    moved, opt, _ = ngd_step(model32, x64.float(), y, lr=1e-3, alpha=1e-12, fisher_type="true")
+    assert opt.stats["solve_precision"].startswith("float64")
+    assert torch.isfinite(moved).all()
