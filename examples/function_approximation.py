@@ -11,8 +11,11 @@ Reduced budget: full-batch Adam (learning rate 1e-3, cosine decay) for ``--epoch
 less converged than the paper's; the script reports what it finds rather than assuming the
 paper's numbers (about 3 CPU-minutes on 2 cores).
 
-Both projections use unit-length directions on the same Euclidean radius (random directions are
-filter-normalized, then scaled to unit norm), so the two pictures share axes and color scale.
+Everything is float64 (cheap at this size) so that Lanczos resolves a λ_min that is 1e-5 of
+λ_max. Both projections use unit-length directions (random ones are filter-normalized, then
+scaled to unit norm) on the same per-axis extents, so the two pictures share axes and color
+scale: the first axis spans where v_max raises the loss about tenfold, the second where v_min
+changes it by about the loss itself.
 A random unit direction sees the curvature tr(H)/d on average, far below λ_max, and hides
 negative curvature; the Hessian directions show both ends of the spectrum.
 
@@ -49,7 +52,7 @@ def target(x: torch.Tensor) -> torch.Tensor:
 
 def make_data(num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(num, 1, generator=g) * 2 - 1
+    x = torch.rand(num, 1, generator=g, dtype=torch.float64) * 2 - 1
     return x, target(x)
 
 
@@ -86,7 +89,7 @@ def loss_at(model: nn.Module, layout: ParameterLayout, theta: torch.Tensor, data
 
 def study(depth: int, args: argparse.Namespace, train_data, test_data) -> dict:
     torch.manual_seed(args.seed)
-    model = relu_net(depth)
+    model = relu_net(depth).double()
     t0 = time.perf_counter()
     train(model, train_data, args.epochs, args.lr)
     train_seconds = time.perf_counter() - t0
@@ -109,17 +112,20 @@ def study(depth: int, args: argparse.Namespace, train_data, test_data) -> dict:
     rand = random_directions(model, 2, generator=torch.Generator().manual_seed(args.seed + 2))
     rand = [d / d.norm() for d in rand]  # filter-normalized shape, unit length (module doc)
 
-    # radius: the v_max axis rises by about 10x the training loss at the rim
-    radius = args.radius or math.sqrt(
-        2 * 10 * max(loss_at(model, layout, theta, train_data), 1e-8) / hd.lambda_max
-    )
-    hs = loss_surface(model, loss_fn, train_data, hd, extent=radius, steps=args.steps)
+    # Extents per axis: along v_max the quadratic model rises by 10x the training loss at the
+    # rim; along v_min it changes by about the training loss itself (½|λ_min| r² = L), capped at
+    # 100x the first extent. The random plane uses the same two extents, so a random direction
+    # (curvature about tr H / d) is compared with v_min on the same footing.
+    train_loss = max(loss_at(model, layout, theta, train_data), 1e-12)
+    r_max = args.radius or math.sqrt(2 * 10 * train_loss / hd.lambda_max)
+    r_min = min(math.sqrt(2 * train_loss / max(abs(hd.lambda_min), 1e-300)), 100 * r_max)
+    hs = loss_surface(model, loss_fn, train_data, hd, extent=(r_max, r_min), steps=args.steps)
     rs = loss_surface(
         model,
         loss_fn,
         train_data,
         rand,
-        extent=radius,
+        extent=(r_max, r_min),
         steps=args.steps,
         labels=("random 1", "random 2"),
     )
@@ -161,7 +167,7 @@ def study(depth: int, args: argparse.Namespace, train_data, test_data) -> dict:
         "trace": proj.trace_estimate,
         "trace_stderr": proj.trace_stderr,
         "saddle_fraction": proj.saddle_fraction,
-        "radius": radius,
+        "extents": (r_max, r_min),
         **rows,
     }
 
@@ -176,7 +182,7 @@ def main() -> None:
         "--radius",
         type=float,
         default=None,
-        help="grid half-width in parameter space (default: from lambda_max)",
+        help="grid half-width along the first axis (default: from lambda_max)",
     )
     parser.add_argument("--lanczos-iters", type=int, default=400)
     parser.add_argument("--projections", type=int, default=200)
@@ -201,7 +207,8 @@ def main() -> None:
             row = r[name]
             print(
                 f"   {name:8s} grid minimum at (a, b) = ({row['grid_min'][0]:+.3g}, "
-                f"{row['grid_min'][1]:+.3g}) of radius {r['radius']:.3g}: train loss "
+                f"{row['grid_min'][1]:+.3g}) of extents ({r['extents'][0]:.3g}, "
+                f"{r['extents'][1]:.3g}): train loss "
                 f"{row['train_loss']:.3g}, test loss {row['test_loss']:.3g}"
             )
 
