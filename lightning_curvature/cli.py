@@ -125,12 +125,16 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def _logger_location(config: dict[str, Any], config_path: str) -> tuple[str, str]:
+def _logger_settings(config: dict[str, Any], config_path: str) -> dict[str, Any]:
+    """The config's TensorBoardLogger init_args, with ``save_dir`` and ``name`` filled in."""
     logger = (config.get("trainer") or {}).get("logger")
-    init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
-    save_dir = str(init.get("save_dir", "runs"))
-    name = str(init.get("name") or Path(config_path).stem)
-    return save_dir, name
+    init = dict(logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+    if isinstance(logger, dict) and "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        init = {}  # another logger class: only its save_dir/name carry over
+    init["save_dir"] = str(init.get("save_dir", "runs"))
+    init["name"] = str(init.get("name") or Path(config_path).stem)
+    init.pop("version", None)
+    return init
 
 
 def _max_epochs(config: dict[str, Any], extra_args: Sequence[str]) -> int | None:
@@ -241,12 +245,13 @@ def run_split(
             f"trainer.max_epochs ({total}) must exceed split_epoch ({split_epoch}): it is the "
             "total number of epochs, branches run from split_epoch to it"
         )
-    save_dir, name = _logger_location(cfg, config)
+    logger_init = _logger_settings(cfg, config)
+    save_dir, name = logger_init["save_dir"], logger_init["name"]
 
     def logger_arg(version: str) -> str:
         logger = {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": save_dir, "name": name, "version": version},
+            "init_args": {**logger_init, "version": version},
         }
         return f"--trainer.logger={json.dumps(logger)}"
 

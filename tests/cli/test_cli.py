@@ -94,6 +94,7 @@ def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp
     for name in branches:
         assert runs[name]["val/loss"][0] == [2.0, 3.0], name  # epoch axis continues from 1
         assert (root / name / "config.yaml").is_file()
+        assert "hp_metric" not in runs[name]  # the config's logger settings carry over
     # continued SGD equals an uninterrupted SGD run: same weights, same batches in the same order
     reference = _reference_val_losses(make_config, 3)
     assert runs["base"]["val/loss"][1][0] == pytest.approx(reference[0], rel=1e-6)
