@@ -17,6 +17,7 @@ never touch the network.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -228,7 +229,7 @@ def locate_file(name: str, dirs: Sequence[Path]) -> Path | None:
 def download_url(url: str, timeout: float = 60.0) -> bytes:
     """Fetch ``url`` with :mod:`urllib` (the default downloader)."""
     request = urllib.request.Request(url, headers={"User-Agent": "lightning-curvature"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read()
 
 
@@ -250,7 +251,7 @@ def _download(
                 url,
             )
             file.check(idx, verify_checksum=True)
-        except (OSError, urllib.error.URLError, ValueError) as err:
+        except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as err:
             errors.append(f"{url}: {err}")
             continue
         target_dir.mkdir(parents=True, exist_ok=True)

@@ -350,3 +350,19 @@ def test_official_test_split_verifies_offline(dataset):
         [1000] * 10 if dataset == "fashion_mnist"
         else [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     )  # fmt: skip
+
+
+def test_interrupted_transfer_falls_back_to_next_mirror(isolated_lookup):
+    import http.client
+
+    files = write_dataset(isolated_lookup / "origin", n_train=30, n_test=20)
+    spec = spec_for(files, 30, 20, mirrors=("https://flaky/", "https://good/"))
+
+    def flaky(url, timeout):
+        if url.startswith("https://flaky/"):
+            raise http.client.IncompleteRead(b"partial")
+        name = url.rsplit("/", 1)[1].removesuffix(".gz")
+        return gzip.compress(files[name])
+
+    images, _ = load_split(spec, "test", downloader=flaky)
+    assert images.shape == (20, 28, 28)
