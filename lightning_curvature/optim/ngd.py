@@ -17,23 +17,32 @@ and for any remainder ``r = g − Gᵀv`` the Woodbury identity gives
 
     (F + κI)⁻¹ r = (1/κ) (r − Gᵀ (K + BκI)⁻¹ G r).
 
-Only the N×N system is factorized (Cholesky in float64). ``K``, ``Gᵀc`` and ``G r`` come from layer
-factors for ``nn.Linear``/``nn.Conv2d`` (:mod:`.factors`) and from ``torch.func`` per-sample
-gradients for every other parameter (:mod:`.per_sample`).
+Only the N×N system is factorized (Cholesky, in the parameters' precision; float64 if float32
+breaks down). ``K``, ``Gᵀc`` and ``G r`` come from layer factors for ``nn.Linear``/``nn.Conv2d``
+(:mod:`.factors`) and from ``torch.func`` per-sample gradients for every other parameter
+(:mod:`.per_sample`). Costs per step: N² (in + out) per Linear layer for K, one extra
+weight-gradient-sized product for ``Gᵀc``, and an N³/3 Cholesky factorization.
 
 Fisher types
 ------------
-``"empirical"``: ``G`` has the B per-sample gradients ``g_i = ∇ℓ(x_i, y_i)`` at the observed labels,
-and ``g = Gᵀ(1/B)``. ``"true"`` (softmax cross-entropy): the true Fisher
-``F = (1/B) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` (``J_i`` the Jacobian of the logits) is exactly
-``(1/B) Σ_{i,c} g_{i,c} g_{i,c}ᵀ`` with the N = B·C pseudo-samples
-``g_{i,c} = √p_{ic} J_iᵀ(e_c − p_i) = √p_{ic} ∇_θ CE(x_i, c)``, because
-``diag p − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``. The minibatch gradient
-``g = (1/B) Σ_i J_iᵀ(p_i − y_i)`` lies in their span: ``g = Σ_{i,c} v_{ic} g_{i,c}`` with
-``v_{ic} = δ_{ic}/√p_{ic}``, ``δ = ∂L/∂logits`` (any soft label ``y_i`` works since the rows of
-``δ`` sum to zero). Hence no part of the step is multiplied by 1/κ. A Monte-Carlo Fisher with one
-sampled label per input does not span ``g``; with ``B ≪ d`` and a trace-scaled (tiny) κ, the
-out-of-span part of ``g`` is scaled by 1/κ and the weights blow up. It is deliberately not offered.
+``"empirical"``: ``G`` has the N = B per-sample gradients ``g_i = ∇ℓ(x_i, y_i)`` at the observed
+labels, and ``g = Gᵀ(1/B)``.
+
+``"true"`` (softmax cross-entropy): ``F = (1/B) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i`` (``J_i`` the
+Jacobian of the logits), computed exactly through the output-space factorization
+``diag p − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``: the pseudo-samples
+``g_{i,c} = √p_{ic} J_iᵀ(e_c − p_i) = √p_{ic} ∇_θ CE(x_i, c)`` give ``F = (1/B) Σ_{i,c} g_{i,c}
+g_{i,c}ᵀ``. Since ``Σ_c √p_{ic} g_{i,c} = 0`` one of them per input is redundant; the
+implementation uses the equivalent exact rank-(C−1) factor ``diag p − p pᵀ = Mᵀ L Lᵀ M`` (``r`` the
+most probable class, ``q`` = p without entry ``r``, ``L Lᵀ = diag q − q qᵀ``, ``M`` drops entry r
+and subtracts it from the others), i.e. N = B·(C−1) pseudo-samples with cotangents the columns
+of ``Mᵀ L``. The minibatch gradient ``g = (1/B) Σ_i J_iᵀ(p_i − y_i) = Σ_i J_iᵀ δ_i`` lies in their
+span because each ``δ_i`` sums to zero (any soft label ``y_i``): ``δ_i = Mᵀ L (L⁻¹ Mδ_i)``, so
+``v_i = L⁻¹ (δ_i without entry r)``. Hence no part of the step is multiplied by 1/κ.
+
+A Monte-Carlo Fisher with one sampled label per input does not span ``g``; with ``B ≪ d`` and a
+trace-scaled (tiny) κ, the out-of-span part of ``g`` is scaled by 1/κ and the weights blow up
+within a few steps. It is deliberately not offered.
 
 References
 ----------
@@ -168,8 +177,8 @@ class NGD(torch.optim.Optimizer):
         Floor ε > 0 on tr F (keeps κ > 0 at a zero-gradient point).
     fisher_type : {"empirical", "true"}
         Per-sample gradients at the observed labels, or the exact true Fisher of a softmax
-        output (B·C pseudo-samples; needs a mean-reduced softmax cross-entropy loss on the
-        model's output).
+        output (B·(C−1) pseudo-samples, see the module docstring; needs a mean-reduced softmax
+        cross-entropy loss on the model's output, which must be the logits).
     momentum : float
         Heavy-ball momentum μ ∈ [0, 1) on the natural-gradient direction (``m ← μ m + Δ``).
     weight_decay : float
@@ -187,10 +196,16 @@ class NGD(torch.optim.Optimizer):
     cross-entropy is detected from the output gradients (``ValueError`` for the true Fisher, a
     warning for the empirical one); other losses cannot be checked.
 
-    *Gradient consistency.* If ``.grad`` after the closure is not ``Gᵀv`` (an explicit L2 term in
-    the loss, gradient clipping, parameters used outside their modules), the remainder is solved
-    exactly with the Woodbury formula and a warning is issued once; ``stats["grad_residual"]``
-    reports its relative size.
+    *Gradient consistency.* The update uses ``.grad`` as left by the closure. If it is not ``Gᵀv``
+    (an explicit L2 term in the loss, gradient clipping, parameters used outside their modules),
+    the remainder is solved exactly with the Woodbury formula and a warning is issued once;
+    ``stats["grad_residual"]`` reports its relative size. The check compares ``‖g‖²`` with
+    ``vᵀKv = ‖Gᵀv‖²`` (free) and forms the residual only when they differ by more than
+    ``1000·ε_dtype`` relative, so a remainder much smaller than ``√(1000·ε)‖g‖`` and orthogonal to
+    ``g`` can go unnoticed (it is then dropped, together with its 1/κ amplification).
+
+    *Precision.* The Gram matrix is formed and factorized in the parameters' dtype; a float32
+    factorization that breaks down (κ so small that cond·ε₃₂ ≳ 1) is redone in float64.
 
     *Non-finite values.* If the gradient, the Gram matrix, κ or the update is not finite, the step
     is **skipped with a warning** (weights and momentum untouched, ``stats["skipped"] = True``),
@@ -204,7 +219,8 @@ class NGD(torch.optim.Optimizer):
     ----------
     stats : dict
         After each step: ``kappa``, ``fisher_trace`` (tr F), ``update_norm`` (‖θ_{t+1} − θ_t‖),
-        ``grad_residual``, ``num_pseudo_samples``, ``batch_size``, ``skipped``, ``seconds``.
+        ``grad_residual``, ``num_pseudo_samples`` (N), ``batch_size``, ``solve_precision``,
+        ``skipped``, ``seconds`` (wall time of the solve and update, closure excluded).
     layout : ParameterLayout
         The flat-vector layout of the optimized parameters.
     """
@@ -496,8 +512,14 @@ class NGD(torch.optim.Optimizer):
         lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
         momentum, weight_decay = group["momentum"], group["weight_decay"]
         params: list[Tensor] = group["params"]
-        if all(p.grad is None for p in params):
-            self.stats = {"skipped": True, "update_norm": 0.0}
+        if all(p.grad is None for p in params):  # e.g. Lightning skipped the batch
+            self.stats = {
+                "kappa": float("nan"),
+                "fisher_trace": float("nan"),
+                "update_norm": 0.0,
+                "grad_residual": float("nan"),
+                "skipped": True,
+            }
             return
         if cap.root_calls > 1:
             raise RuntimeError(
