@@ -33,7 +33,8 @@ class SGLDCalibration:
     ----------
     rows : list of dict
         One per ``(localization, step_size)``: ``step_size, localization, llc_mean, llc_std,
-        r_hat, llc_drift, num_diverged, exceeds_bound, stable``.
+        r_hat, llc_drift, num_diverged, exceeds_bound, growth, superlinear, stable`` (see
+        :func:`calibrate_sgld` for the rules).
     estimates : list of LLCEstimate
         The short-run estimates, in ``rows`` order (traces included).
     recommended_step_size : float or None
@@ -59,7 +60,7 @@ class SGLDCalibration:
         """The sweep as a plain-text table (one line per configuration)."""
         head = (
             f"{'gamma':>9} {'step_size':>10} {'llc_mean':>11} {'llc_std':>9} {'r_hat':>7} "
-            f"{'drift':>10} {'diverged':>8} {'>d/2':>5} {'stable':>6}"
+            f"{'drift':>10} {'diverged':>8} {'>d/2':>5} {'growth':>7} {'stable':>6}"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
@@ -71,7 +72,7 @@ class SGLDCalibration:
                 f"{r['localization']:>9.3g} {r['step_size']:>10.3g} {r['llc_mean']:>11.5g} "
                 f"{r['llc_std']:>9.3g} {r['r_hat']:>7.3f} {r['llc_drift']:>10.4g} "
                 f"{r['num_diverged']:>8d} {'yes' if r['exceeds_bound'] else 'no':>5} "
-                f"{'yes' if r['stable'] else 'no':>6}{mark}"
+                f"{r['growth']:>7.2f} {'yes' if r['stable'] else 'no':>6}{mark}"
             )
         return "\n".join(lines)
 
@@ -156,17 +157,31 @@ def calibrate_sgld(
     seed: int = 0,
     eval_mode: bool | None = True,
     runaway_factor: float = 100.0,
+    max_growth: float = 1.3,
     vectorize: bool | None = None,
     **llc_kwargs,
 ) -> SGLDCalibration:
     """Sweep step sizes (and localizations) on short chains; recommend the largest stable ε.
 
-    A configuration is *stable* when none of its chains diverged (runaway rule of
-    ``diagnostics``), every per-chain λ̂ is finite, and the mean λ̂ does not exceed d/2 (the learning
-    coefficient of a d-parameter model is at most d/2, so a larger value is discretization
-    blow-up). The recommendation is the largest stable ε for the smallest γ that has one. The
-    split-R̂ and the half-to-half drift of each row tell whether ``num_steps`` was long enough
-    at that ε (small ε: still climbing) — the figure shows the same thing.
+    A configuration is *stable* when
+
+    1. none of its chains diverged (runaway rule of ``diagnostics``) and every per-chain λ̂ is
+       finite;
+    2. the mean λ̂ does not exceed d/2 (the learning coefficient of a d-parameter model is at
+       most d/2, so a larger value is discretization blow-up);
+    3. λ̂ does not grow super-linearly in ε: ``(λ̂_k/λ̂_{k−1}) / (ε_k/ε_{k−1}) <= max_growth``
+       against the next smaller ε. Below the stability limit, λ̂ is either still rising
+       because the short chain has not mixed (at most ~linear in ε: the distance travelled
+       grows with the step) or has levelled off (flat in ε up to an O(ε) bias); a jump faster
+       than the step-size ratio is the chain escaping a direction whose curvature h violates
+       ε·nβ·h/2 < 2 (the loss then reaches far above its equilibrium excess, typically with a
+       negative half-to-half drift as it relaxes). This rule is a heuristic; the figure shows
+       the evidence;
+    4. every smaller ε (same γ) is stable: the first failure ends the usable range.
+
+    The recommendation is the largest stable ε for the smallest γ that has one. The split-R̂
+    and the half-to-half drift of each row tell whether ``num_steps`` was long enough at that
+    ε (small ε: still climbing).
 
     Parameters
     ----------
@@ -180,6 +195,8 @@ def calibrate_sgld(
         Short chains: ``num_steps`` draws each, no burn-in (the whole trace is the evidence).
     runaway_factor : float
         Runaway rule scale.
+    max_growth : float
+        Largest accepted ``(λ̂ ratio) / (ε ratio)`` between neighbouring step sizes (rule 3).
     **llc_kwargs
         Passed to :func:`estimate_llc` (e.g. ``params``, ``init_loss``).
 
@@ -195,6 +212,8 @@ def calibrate_sgld(
         raise ValueError(
             f"localizations must be a non-empty list of finite values >= 0, got {gammas}"
         )
+    if not (max_growth > 0 and math.isfinite(max_growth)):
+        raise ValueError(f"max_growth must be finite and > 0, got {max_growth}")
     rows, estimates, seconds = [], [], 0.0
     init_loss = llc_kwargs.pop("init_loss", None)
     for gamma in gammas:
@@ -235,9 +254,26 @@ def calibrate_sgld(
                     "num_diverged": len(est.diverged_chains),
                     "exceeds_bound": exceeds,
                     "stable": stable,
+                    "growth": math.nan,
+                    "superlinear": False,
                 }
             )
             estimates.append(est)
+    # Growth rule and monotonicity, per γ in increasing ε: the first unstable ε ends the
+    # usable range (a larger step is never more stable than a smaller one).
+    for gamma in gammas:
+        prev, broken = None, False
+        for r in rows:
+            if r["localization"] != gamma:
+                continue
+            growth = math.nan
+            if prev is not None and prev["llc_mean"] > 0 and math.isfinite(r["llc_mean"]):
+                growth = (r["llc_mean"] / prev["llc_mean"]) / (r["step_size"] / prev["step_size"])
+            r["growth"] = growth
+            r["superlinear"] = bool(math.isfinite(growth) and growth > max_growth)
+            broken = broken or not r["stable"] or r["superlinear"]
+            r["stable"] = not broken
+            prev = r
     best_eps = best_gamma = None
     for gamma in gammas:
         ok = [r["step_size"] for r in rows if r["localization"] == gamma and r["stable"]]

@@ -296,3 +296,16 @@ def test_calibration_recommends_the_largest_stable_step():
     assert len(fig.axes) == 4
     with pytest.raises(ValueError, match="step_sizes"):
         calibrate_sgld(model, _nll, (x, y), step_sizes=(0.0,))
+
+
+def test_calibration_growth_rule_stops_at_the_first_superlinear_jump():
+    model, x, y = _regression(d=2, n=200)
+    cal = calibrate_sgld(
+        model, _nll, (x, y), step_sizes=(1e-3, 1e-2), num_steps=50, num_chains=2,
+        localizations=(1.0,), max_growth=1e-3,
+    )  # fmt: skip
+    # With an absurdly strict growth limit the second step size is rejected by rule 3 only.
+    first, second = cal.rows
+    assert first["stable"] and not second["exceeds_bound"] and second["num_diverged"] == 0
+    assert second["superlinear"] and not second["stable"]
+    assert cal.recommended_step_size == 1e-3
