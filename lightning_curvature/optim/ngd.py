@@ -409,7 +409,7 @@ class NGD(torch.optim.Optimizer):
         ]
         for c, g in zip(calls, grads, strict=True):
             c.d = (
-                torch.zeros((num_classes, *c.z.shape), dtype=c.z.dtype, device=c.z.device)
+                torch.zeros((num_classes - 1, *c.z.shape), dtype=c.z.dtype, device=c.z.device)
                 if g is None
                 else g
             )

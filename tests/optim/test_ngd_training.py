@@ -327,3 +327,30 @@ def test_deep_copied_model_gets_inert_hooks():
     opt._capture = None
     train(model, opt, x, y, steps=2)
     assert opt.stats["skipped"] is False
+
+
+class SideBranch(nn.Module):
+    """A Linear whose output never reaches the loss (its parameters get no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = classifier()
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.side(x)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_layer_outside_the_loss_is_left_alone(fisher_type):
+    x, y = blobs(64)
+    model = SideBranch()
+    side = copy.deepcopy(model.side.state_dict())
+    opt = NGD(model, fisher_type=fisher_type, **SETTINGS[fisher_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = train(model, opt, x, y, steps=5)
+    assert all(math.isfinite(v) for v in losses)
+    for k, v in model.side.state_dict().items():
+        assert torch.equal(v, side[k])
