@@ -211,6 +211,11 @@ class NGD(torch.optim.Optimizer):
     is **skipped with a warning** (weights and momentum untouched, ``stats["skipped"] = True``),
     so a single bad batch cannot corrupt the weights (as ``torch.amp.GradScaler`` does).
 
+    *One process, one micro-batch.* The Fisher is that of the batch seen by the closure's forward.
+    Gradient accumulation over several micro-batches and DDP (whose all-reduced ``.grad`` holds
+    other ranks' samples) make ``.grad`` differ from the captured per-sample gradients; this is
+    detected (residual warning) but not supported.
+
     *Batch coupling.* BatchNorm in train mode makes the loss not a sum of per-sample terms; the
     factor path then uses the coupled output-gradients and the ``torch.func`` path evaluates
     samples alone. Use eval-mode BatchNorm, LayerNorm or GroupNorm with NGD.
