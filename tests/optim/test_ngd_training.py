@@ -354,3 +354,22 @@ def test_layer_outside_the_loss_is_left_alone(fisher_type):
     assert all(math.isfinite(v) for v in losses)
     for k, v in model.side.state_dict().items():
         assert torch.equal(v, side[k])
+
+
+def test_lr_scheduler_drives_the_step_size():
+    x, y = blobs(64)
+    model_a, model_b = classifier(), classifier()
+    opt_a = NGD(model_a, lr=0.2, alpha=1.0)
+    opt_b = NGD(model_b, lr=0.1, alpha=1.0)
+    torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.5).step()
+    assert opt_a.param_groups[0]["lr"] == pytest.approx(0.1)
+    train(model_a, opt_a, x, y, steps=1)
+    train(model_b, opt_b, x, y, steps=1)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_extra_param_groups_are_rejected():
+    opt = NGD(classifier(), lr=0.1)
+    with pytest.raises(ValueError, match="param_group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
