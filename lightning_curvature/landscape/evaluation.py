@@ -32,6 +32,7 @@ __all__ = ["PointEvaluation", "evaluate_points"]
 
 ReduceFn = Callable[[Tensor], Tensor]
 _CALIBRATION_CHUNK = 8
+_VMAP_MARGIN = 1.1
 
 
 @dataclass
@@ -214,27 +215,35 @@ def _calibrate(
     num_points: int,
     chunk_size: int,
 ) -> tuple[bool, int]:
-    """Evaluate the first points one by one and the next few with vmap; keep the faster.
+    """Time a few points one by one and a few with vmap (twice, interleaved); keep the faster.
 
-    Returns ``(use_vmap, number_of_points_already_done)``.
+    Every timed point is a real point of the grid. vmap must win by ``_VMAP_MARGIN`` to be
+    chosen: near a tie the loop is preferred (less memory, and on CPUs vmap's per-point cost
+    grows with the chunk, so a small probe flatters it). Returns ``(use_vmap, points_done)``.
     """
-    # The first point warms up caches/allocators for both paths; it is not timed.
-    losses[0:1] = run_loop(0, 1)
-    n_loop = min(2, num_points - 1)
-    t0 = time.perf_counter()
-    losses[1 : 1 + n_loop] = run_loop(1, 1 + n_loop)
-    loop_per_point = (time.perf_counter() - t0) / n_loop
-    lo = 1 + n_loop
-    if lo >= num_points:
+    lo = 0
+
+    def timed(run: Callable[[int, int], Tensor], count: int) -> float:
+        nonlocal lo
+        hi = min(num_points, lo + count)
+        t0 = time.perf_counter()
+        losses[lo:hi] = run(lo, hi)
+        per_point = (time.perf_counter() - t0) / (hi - lo)
+        lo = hi
+        return per_point
+
+    timed(run_loop, 1)  # warm-up (allocator, caches), not compared
+    loop_times, vmap_times = [], []
+    probe = min(chunk_size, _CALIBRATION_CHUNK)
+    for _ in range(2):
+        if num_points - lo < 2 + probe:
+            break
+        loop_times.append(timed(run_loop, 2))
+        try:
+            vmap_times.append(timed(run_vmap, probe))
+        except RuntimeError:
+            # e.g. in-place buffer updates (BatchNorm in train mode) or dropout randomness
+            return False, lo
+    if not vmap_times:
         return False, lo
-    # A small vmap chunk is enough to tell which path is faster and caps what a wrong guess
-    # costs (a 441-point grid on a CPU where vmap is 2x slower loses at most 8 points' worth).
-    hi = min(num_points, lo + min(chunk_size, _CALIBRATION_CHUNK))
-    t0 = time.perf_counter()
-    try:
-        losses[lo:hi] = run_vmap(lo, hi)
-    except RuntimeError:
-        # e.g. in-place buffer updates (BatchNorm in train mode) or dropout randomness
-        return False, lo
-    vmap_per_point = (time.perf_counter() - t0) / (hi - lo)
-    return vmap_per_point < loop_per_point, hi
+    return min(vmap_times) * _VMAP_MARGIN < min(loop_times), lo

@@ -102,7 +102,10 @@ def test_train_mode_evaluation_restores_mode(conv_setup):
     model.drop.p = 0.0  # deterministic; train mode then means batch statistics in BN
     snap = _snapshot(model)
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
-    s = loss_surface(model, loss_fn, [full], dirs, steps=3, eval_mode=False)
+    s = loss_surface(model, loss_fn, [full], dirs, steps=5, eval_mode=False)
+    _assert_unchanged(model, snap)
+    with pytest.raises(RuntimeError):  # what the automatic mode has to survive
+        loss_surface(model, loss_fn, [full], dirs, steps=5, eval_mode=False, vectorize=True)
     _assert_unchanged(model, snap)
     clone = copy.deepcopy(model).train()
     with torch.no_grad():
