@@ -104,9 +104,14 @@ def add_lower_block_gram(out: Tensor, rows: Tensor, factor: Tensor | None = None
     for i in range(r):
         width = (i + 1) * b
         blk = rows[i] @ rows[: i + 1].reshape(width, -1).T
+        target = out[i * b : width, :width]
         if factor is not None:
-            blk = (blk.view(b, i + 1, b) * factor[:, None, :]).view(b, width)
-        out[i * b : width, :width] += blk.to(out.dtype)
+            # Fused Hadamard product and accumulation (one pass over the block).
+            target.view(b, i + 1, b).addcmul_(
+                blk.view(b, i + 1, b).to(out.dtype), factor[:, None, :].to(out.dtype)
+            )
+        else:
+            target += blk.to(out.dtype)
 
 
 @dataclass
