@@ -33,8 +33,10 @@ class HessianEigenvalues(CurvatureCallback):
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
     """
 
-    def __init__(self, *, max_iters: int = 20, tol: float = 1e-3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, *, max_iters: int = 20, tol: float = 1e-3, every_n_epochs: int = 2, **kwargs: Any
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         self.max_iters = check_int("max_iters", max_iters, 2)
         self.tol = check_float("tol", tol, low=0.0, high=1.0, low_open=True)
         self._warm_start: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -55,16 +55,19 @@ class LocalLearningCoefficient(CurvatureCallback):
         self,
         *,
         num_chains: int = 4,
-        num_draws: int = 30,
-        num_burnin: int = 15,
+        num_draws: int = 25,
+        num_burnin: int = 10,
         step_size: float = 1e-4,
         localization: float = 100.0,
         nbeta: float | None = None,
         num_samples: int | None = 4096,
         batch_size: int | None = 64,
+        every_n_epochs: int = 2,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_samples=num_samples, batch_size=batch_size, **kwargs)
+        super().__init__(
+            num_samples=num_samples, batch_size=batch_size, every_n_epochs=every_n_epochs, **kwargs
+        )
         self.num_chains = check_int("num_chains", num_chains, 1)
         self.num_draws = check_int("num_draws", num_draws, 1)
         self.num_burnin = check_int("num_burnin", num_burnin, 0)

@@ -66,7 +66,7 @@ class LossProjection(CurvatureCallback):
     def __init__(
         self,
         *,
-        steps: int = 15,
+        steps: int = 11,
         extent: float = 1.0,
         num_random_projections: int = 8,
         num_trace_directions: int = 8,

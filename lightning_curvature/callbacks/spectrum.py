@@ -44,9 +44,10 @@ class HessianSpectrum(CurvatureCallback):
         num_runs: int = 1,
         num_points: int = 256,
         sigma: float | None = None,
+        every_n_epochs: int = 5,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         self.num_iters = check_int("num_iters", num_iters, 2)
         self.num_runs = check_int("num_runs", num_runs, 1)
         self.num_points = check_int("num_points", num_points, 8)

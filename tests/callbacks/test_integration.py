@@ -134,7 +134,9 @@ def test_trace_and_eigenvalues_match_dense_hessian_of_the_measurement_set(tiny, 
     module = tiny.Module()
     d = sum(p.numel() for p in module.parameters())
     trace_cb = cb.HessianTrace(num_samples=50, batch_size=17, seed=4, num_matvecs=3 * d + 3)
-    eig_cb = cb.HessianEigenvalues(num_samples=50, batch_size=17, seed=4, max_iters=d, tol=1e-8)
+    eig_cb = cb.HessianEigenvalues(
+        num_samples=50, batch_size=17, seed=4, max_iters=d, tol=1e-8, every_n_epochs=1
+    )
     t = tiny.trainer(tmp_path, [trace_cb, eig_cb], max_epochs=1)
     t.fit(module, tiny.loader(ds))
     logged = tiny.scalars(t.logger.log_dir)
@@ -151,7 +153,9 @@ def test_llc_uses_training_set_size_and_measurement_loss(tiny, tmp_path):
     torch.manual_seed(2)
     ds = tiny.make_dataset(n=120)
     module = tiny.Module()
-    llc = cb.LocalLearningCoefficient(num_samples=60, batch_size=20, num_chains=2, num_draws=30)
+    llc = cb.LocalLearningCoefficient(
+        num_samples=60, batch_size=20, num_chains=2, num_draws=30, every_n_epochs=1
+    )
     t = tiny.trainer(tmp_path, [llc], max_epochs=1)
     t.fit(module, tiny.loader(ds))
     logged = {k: v[1] for k, v in tiny.scalars(t.logger.log_dir).items()}
