@@ -20,9 +20,11 @@ with a slow single-channel transposed convolution; linearize gives ~1.1x there. 
 through float64 convolutions on CPU is far slower than forward mode.
 
 ``method="auto"``: double backward (cheapest first product), but forward over reverse for
-float64 convolution nets on CPU; for float32 convolution nets on CPU it switches to
-``linearize`` once more than ``LINEARIZE_AFTER`` products were asked for at the same point (when
-every batch's graph fit the memory budget and torch.func can trace the model).
+float64 convolution nets on CPU. For float32 convolution nets on CPU it switches to ``linearize``
+when a ``matmat`` asks for at least ``LINEARIZE_BLOCK`` products at once, or once more than
+``LINEARIZE_AFTER`` products were taken one by one (ski-rental rule: tracing costs about as much
+as the savings of that many products), provided every batch's graph fit the memory budget and
+torch.func can trace the model.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ __all__ = ["HessianOperator"]
 
 _METHODS = ("auto", "double_backward", "forward_over_reverse", "linearize")
 
-#: ``auto`` on CPU convolution nets switches to ``linearize`` after this many products.
-LINEARIZE_AFTER = 8
+#: ``auto`` on CPU convolution nets switches to ``linearize`` after this many products ...
+LINEARIZE_AFTER = 24
+#: ... or at once when a single ``matmat`` asks for at least this many.
+LINEARIZE_BLOCK = 16
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
@@ -153,7 +157,10 @@ class HessianOperator(ModelCurvatureOperator):
 
     def _products(self, rows: Tensor, batched: bool) -> Tensor:
         if self.method == "double_backward" and self._linearize_after is not None:
-            if self.num_matvecs + rows.shape[0] > self._linearize_after:
+            if (
+                self.num_matvecs + rows.shape[0] > self._linearize_after
+                or rows.shape[0] >= LINEARIZE_BLOCK
+            ):
                 self._try_linearize()
         if self.method == "double_backward":
             return super()._products(rows, batched)
@@ -190,7 +197,7 @@ class HessianOperator(ModelCurvatureOperator):
         backward.
         """
         self._linearize_after = None
-        self._ensure_cache()
+        self._ensure_cache()  # builds the graphs only to measure them against the budget
         if self._cached_batches != len(self.data.batches):
             return
         try:

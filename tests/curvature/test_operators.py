@@ -66,7 +66,7 @@ def test_batch_split_invariance(method):
     hess = true_hessian(model, loss, x, y)
     v = probes(hess.shape[0], 3)
     uneven = [(x[:7], y[:7]), (x[7:20], y[7:20]), (x[20:], y[20:])]
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
     for data in (uneven, loader):
         op = HessianOperator(model, loss, data, method=method)
         assert rel(op.matmat(v), hess @ v) < 1e-10
@@ -232,18 +232,26 @@ def test_vectorized_matmat_agrees(method):
 
 
 def test_auto_switches_to_linearize_for_float32_conv_nets():
+    from lightning_curvature.curvature.hessian import LINEARIZE_AFTER, LINEARIZE_BLOCK
+
     model, loss, x, y = make_case("conv_bn_ce")
     hess = true_hessian(model, loss, x, y)
     model, x = model.float(), x.float()
+    v = probes(hess.shape[0], LINEARIZE_AFTER + 1)
     op = HessianOperator(model, loss, (x, y))
     assert op.method == "double_backward"
-    v = probes(op.dim, 12)
-    first = op.matmat(v[:, :4])
+    cols = [op.matvec(v[:, j]) for j in range(LINEARIZE_AFTER)]
     assert op.method == "double_backward" and op.graph_bytes > 0
-    rest = op.matmat(v[:, 4:])  # past LINEARIZE_AFTER products
+    cols.append(op.matvec(v[:, -1]))  # one past the threshold
     assert op.method == "linearize" and op.graph_bytes == 0
-    assert rel(torch.cat([first, rest], dim=1).double(), hess @ v) < 1e-5
+    assert rel(torch.stack(cols, dim=1).double(), hess @ v) < 1e-5
+    block = probes(hess.shape[0], LINEARIZE_BLOCK)
+    op = HessianOperator(model, loss, (x, y))
+    assert rel(op.matmat(block).double(), hess @ block) < 1e-5
+    assert op.method == "linearize"
     f64 = HessianOperator(model.double(), loss, (x.double(), y))
     assert f64.method == "forward_over_reverse"
     mlp, mloss, mx, my = make_case("tanh_mlp_ce")
-    assert HessianOperator(mlp, mloss, (mx, my)).method == "double_backward"
+    mop = HessianOperator(mlp, mloss, (mx, my))
+    mop.matmat(probes(mop.dim, LINEARIZE_BLOCK))
+    assert mop.method == "double_backward"
