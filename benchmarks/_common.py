@@ -42,8 +42,10 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 def load_fashion_mnist(
     split: str = "train", num: int | None = None, *, dataset: str = "fashion-mnist"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First ``num`` images ``(n, 1, 28, 28)`` float32 in [0, 1] (normalized by the training
-    mean/std of Fashion-MNIST: 0.2860 / 0.3530) and int64 labels, read from the IDX ``.gz`` files.
+    """First ``num`` images ``(n, 1, 28, 28)`` and labels, read from the IDX ``.gz`` files.
+
+    Pixels are scaled to [0, 1] and standardized with the Fashion-MNIST training mean / std
+    (0.2860 / 0.3530); float32 images, int64 labels. ``dataset="mnist"`` reads MNIST instead.
     """
     prefix = {"train": "train", "test": "t10k"}[split]
     root = data_root() / dataset
