@@ -16,7 +16,7 @@ set excluded). The accuracy the defaults buy is printed from the same measuremen
 stderr, Lanczos residuals, LLC std over chains and R-hat, saddle-fraction and projection-trace
 stderr.
 
-Run (about 2-4 minutes on 2 shared cores)::
+Run (about 2 minutes, single-threaded)::
 
     LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. python benchmarks/overhead.py
 
@@ -165,7 +165,15 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write results here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared, oversubscribed machine more threads "
+        "make every op wait on OpenMP barriers and timings swing by 10x)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -194,8 +194,8 @@ class CurvatureCallback(Callback):
     def __init__(
         self,
         *,
-        num_samples: int | None = 512,
-        batch_size: int | None = 512,
+        num_samples: int | None = 256,
+        batch_size: int | None = 256,
         every_n_epochs: int = 1,
         seed: int = 0,
         loss_fn: LossFn | None = None,

@@ -26,7 +26,7 @@ class GradRecorder(L.Callback):
 def test_update_norm_is_the_epoch_mean_of_sgd_steps(tiny, tmp_path):
     torch.manual_seed(0)
     rec = GradRecorder(lr=0.05)
-    t = tiny.trainer(tmp_path, [OptimizerMonitor(), rec], max_epochs=2)
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(every_n_steps=1), rec], max_epochs=2)
     t.fit(tiny.Module(lr=0.05, momentum=0.0), tiny.loader(tiny.make_dataset(n=100)))
     logged = tiny.scalars(t.logger.log_dir)["optim/update_norm"]
     assert sorted(logged) == [1, 2]
@@ -35,10 +35,29 @@ def test_update_norm_is_the_epoch_mean_of_sgd_steps(tiny, tmp_path):
         assert logged[epoch] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
 
 
+def test_every_n_steps_averages_the_sampled_steps(tiny, tmp_path):
+    torch.manual_seed(0)
+    rec = GradRecorder(lr=0.05)
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(every_n_steps=3), rec], max_epochs=2)
+    t.fit(tiny.Module(lr=0.05, momentum=0.0), tiny.loader(tiny.make_dataset(n=224)))
+    logged = tiny.scalars(t.logger.log_dir)["optim/update_norm"]
+    for epoch, norms in rec.per_epoch.items():
+        assert len(norms) == 7
+        sampled = norms[::3]  # steps 0, 3, 6 of each epoch
+        assert logged[epoch] == pytest.approx(sum(sampled) / len(sampled), rel=1e-5)
+
+
+def test_every_n_steps_is_validated():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        OptimizerMonitor(every_n_steps=0)
+
+
 def test_update_norm_skips_batches_without_a_step(tiny, tmp_path):
     torch.manual_seed(0)
     rec = GradRecorder(lr=0.05)
-    t = tiny.trainer(tmp_path, [OptimizerMonitor(), rec], max_epochs=1, accumulate_grad_batches=2)
+    t = tiny.trainer(
+        tmp_path, [OptimizerMonitor(every_n_steps=1), rec], max_epochs=1, accumulate_grad_batches=2
+    )
     t.fit(tiny.Module(lr=0.05, momentum=0.0), tiny.loader(tiny.make_dataset(n=128)))
     logged = tiny.scalars(t.logger.log_dir)["optim/update_norm"]
     assert len(rec.per_epoch[1]) == 2
