@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .surface import LossSurface
 
@@ -57,6 +58,9 @@ def _draw_surface(ax, surface: LossSurface, norm: Normalize, title: str, levels:
     ax.plot(
         [xm], [ym], marker="*", color="red", markersize=12, linestyle="none", label="grid minimum"
     )
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(6))
+    ax.ticklabel_format(style="sci", scilimits=(-3, 4), useMathText=True)
     ax.set_xlabel(f"$\\alpha$ ({surface.labels[0]})")
     ax.set_ylabel(f"$\\beta$ ({surface.labels[1]})")
     ax.set_title(title, fontsize=10)
