@@ -78,6 +78,8 @@ class LLCEstimate:
     llc_drift : float
         λ̂ from the second half of the draws minus λ̂ from the first half (healthy chains): a
         trace that is still climbing shows up here in λ units.
+    llc_drift_stderr : float
+        Standard error of ``llc_drift`` across chains (``nan`` with one chain).
     converged : bool
         No diverged chain, and ``r_hat <= R_HAT_THRESHOLD``.
     num_grad_evals : int
@@ -101,6 +103,7 @@ class LLCEstimate:
     diverged_chains: list[int]
     r_hat: float
     llc_drift: float
+    llc_drift_stderr: float
     converged: bool
     num_grad_evals: int
     seconds: float
@@ -161,18 +164,23 @@ class LLCEstimate:
             )
         if good.shape[0] == 0:
             messages.append("every SGLD chain diverged: the LLC is undefined (nan)")
-            mean = std = stderr = drift = r_hat = math.nan
+            mean = std = stderr = drift = drift_stderr = r_hat = math.nan
         else:
             healthy = per_chain[~bad]
             mean = float(healthy.mean())
             std = float(healthy.std(ddof=1)) if healthy.size > 1 else 0.0
             stderr = std / math.sqrt(healthy.size)
             half = good.shape[1] // 2
-            drift = (
-                float(nbeta * (good[:, good.shape[1] - half :].mean() - good[:, :half].mean()))
-                if half > 0
-                else math.nan
-            )
+            drift = drift_stderr = math.nan
+            if half > 0:
+                per_chain_drift = nbeta * (
+                    good[:, good.shape[1] - half :].mean(axis=1) - good[:, :half].mean(axis=1)
+                )
+                drift = float(per_chain_drift.mean())
+                if per_chain_drift.size > 1:
+                    drift_stderr = float(
+                        per_chain_drift.std(ddof=1) / math.sqrt(per_chain_drift.size)
+                    )
             r_hat = split_r_hat(good)
         converged = not diverged and math.isfinite(r_hat) and r_hat <= R_HAT_THRESHOLD
         if good.shape[0] > 0 and not converged and not diverged:
@@ -201,6 +209,7 @@ class LLCEstimate:
             diverged_chains=diverged,
             r_hat=r_hat,
             llc_drift=drift,
+            llc_drift_stderr=drift_stderr,
             converged=converged,
             num_grad_evals=int(num_grad_evals),
             seconds=float(seconds),
@@ -474,9 +483,9 @@ def estimate_llc(
         floss = FunctionalLoss(model, loss_fn, layout)
         center = layout.flat_values(model)
         chunk = min(batch_size or num_samples, num_samples)
-        computed_init, sigma_b = _init_loss(
-            floss, center, inputs, targets, chunk, init_loss_batches
-        )
+        # A given L_n(w*) still needs σ_B for the runaway rule; a few chunks estimate it.
+        max_chunks = init_loss_batches if init_loss is None else min(init_loss_batches or 32, 32)
+        computed_init, sigma_b = _init_loss(floss, center, inputs, targets, chunk, max_chunks)
         if init_loss is None:
             init_loss = computed_init
         if not math.isfinite(init_loss):
