@@ -96,6 +96,16 @@ def test_even_steps_one_direction_and_extents(conv_setup):
     assert s2.labels == ("d1", "d2") and s2.eigenvalues is None
 
 
+def test_dropout_in_train_mode_leaves_global_rng_alone(conv_setup):
+    model, loss_fn, batches, _ = conv_setup
+    dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
+    rng = torch.random.get_rng_state()
+    loss_surface(model, loss_fn, batches, dirs, steps=3, eval_mode=False)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    with pytest.raises(ValueError, match="eval_mode"):
+        loss_surface(model, loss_fn, batches, dirs, steps=3, eval_mode="yes")
+
+
 def test_train_mode_evaluation_restores_mode(conv_setup):
     model, loss_fn, batches, full = conv_setup
     model.eval()
