@@ -101,6 +101,35 @@ def default_suite() -> list[L.Callback]:
     return suite
 
 
+def accurate_suite(epochs: int) -> list[L.Callback]:
+    """Large budgets, measuring only after the last epoch: the reference for the defaults."""
+    shared = {"every_n_epochs": epochs}
+    return [
+        cb.HessianTrace(num_matvecs=150, **shared),
+        cb.HessianEigenvalues(max_iters=100, tol=1e-6, **shared),
+        cb.HessianSpectrum(num_iters=80, num_runs=3, **shared),
+        cb.LocalLearningCoefficient(num_chains=8, num_draws=100, num_burnin=50, **shared),
+        cb.LossProjection(num_random_projections=64, num_trace_directions=32, **shared),
+    ]
+
+
+COMPARED = (
+    "curvature/trace",
+    "curvature/trace_stderr",
+    "curvature/lambda_max",
+    "curvature/lambda_min",
+    "curvature/lambda_min_residual",
+    "curvature/negative_fraction",
+    "curvature/negative_fraction_3sigma",
+    "llc/lambda_hat",
+    "llc/r_hat",
+    "llc/lambda_hat_std",
+    "landscape/random_saddle_fraction",
+    "landscape/projection_trace",
+    "landscape/projection_trace_stderr",
+)
+
+
 def fit(datamodule: Any, callbacks: list[L.Callback], epochs: int, seed: int, log_dir: str) -> Any:
     from lightning_curvature.models import MLP, ImageClassifier
 
@@ -166,6 +195,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="also write results here")
     parser.add_argument(
+        "--no-accurate",
+        dest="accurate",
+        action="store_false",
+        help="skip the large-budget reference measurement (about 1 minute)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -187,6 +222,10 @@ def main() -> None:
         hook_timers = [HookTimer(c) for c in suite]
         suite_timer, _ = fit(dm, suite, args.epochs, args.seed, tmp)
         base_timer, _ = fit(dm, [], args.epochs, args.seed, tmp)
+        accurate = accurate_suite(args.epochs) if args.accurate else []
+        if accurate:
+            # Same seed, and callbacks never change training: the same weights as the suite run.
+            fit(dm, accurate, args.epochs, args.seed, tmp)
 
     last = args.epochs - 1
     later = [base_timer.seconds[e] for e in range(1, args.epochs)] or [base_timer.seconds[0]]
@@ -228,6 +267,21 @@ def main() -> None:
     print()
     for name, note in notes.items():
         print(f"{name}: {note}")
+    reference: dict[str, float] = {}
+    for c in accurate:
+        if c.last_measurement is not None:
+            reference.update(c.last_measurement.scalars)
+    measured: dict[str, float] = {}
+    for c in suite:
+        if getattr(c, "last_measurement", None) is not None:
+            measured.update(c.last_measurement.scalars)
+    if reference:
+        print()
+        print("defaults vs large budgets (same weights, after the last epoch):")
+        print(f"{'tag':<36}{'defaults':>12}{'large budget':>14}")
+        for tag in COMPARED:
+            if tag in measured and tag in reference:
+                print(f"{tag:<36}{measured[tag]:>12.4g}{reference[tag]:>14.4g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -238,6 +292,8 @@ def main() -> None:
                     "total_amortized": total,
                     "wall_suite_epoch": wall_suite,
                     "notes": notes,
+                    "defaults": {t: measured.get(t) for t in COMPARED},
+                    "large_budget": {t: reference.get(t) for t in COMPARED},
                 },
                 f,
                 indent=1,

@@ -55,14 +55,14 @@ class LocalLearningCoefficient(CurvatureCallback):
         self,
         *,
         num_chains: int = 4,
-        num_draws: int = 25,
-        num_burnin: int = 10,
+        num_draws: int = 40,
+        num_burnin: int = 20,
         step_size: float = 1e-4,
         localization: float = 100.0,
         nbeta: float | None = None,
         num_samples: int | None = 4096,
         batch_size: int | None = 64,
-        every_n_epochs: int = 2,
+        every_n_epochs: int = 4,
         **kwargs: Any,
     ) -> None:
         super().__init__(

@@ -42,10 +42,10 @@ class OptimizerMonitor(Callback):
     Parameters
     ----------
     every_n_steps : int
-        Copy-based measurement on every ``every_n_steps``-th optimizer step. Default 4.
+        Copy-based measurement on every ``every_n_steps``-th optimizer step. Default 8.
     """
 
-    def __init__(self, every_n_steps: int = 4) -> None:
+    def __init__(self, every_n_steps: int = 8) -> None:
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
         self._buffers: list[Tensor] | None = None

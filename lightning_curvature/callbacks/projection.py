@@ -76,7 +76,7 @@ class LossProjection(CurvatureCallback):
         tol: float = 1e-3,
         normalization: str | None = "filter",
         num_samples: int | None = 256,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, every_n_epochs=every_n_epochs, **kwargs)

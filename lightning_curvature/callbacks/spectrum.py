@@ -68,7 +68,15 @@ class HessianSpectrum(CurvatureCallback):
             )
         grid = _numpy(sd.grid)
         density = _numpy(sd.density)
-        result = Measurement(scalars={"curvature/negative_fraction": float(sd.negative_fraction())})
+        sigma = float(getattr(sd, "sigma", 0.0) or 0.0)
+        result = Measurement(
+            scalars={
+                "curvature/negative_fraction": float(sd.negative_fraction()),
+                # Below -3σ: the null-space bulk at 0 (most of an over-parametrized network's
+                # spectrum) contributes Φ(-3) ≈ 0.1% of its mass instead of half of it.
+                "curvature/negative_fraction_3sigma": float(sd.negative_fraction(-3.0 * sigma)),
+            }
+        )
         if np.all(np.isfinite(grid)) and np.all(np.isfinite(density)) and len(grid) > 1:
             width = np.gradient(grid)
             counts = np.clip(density, 0.0, None) * width * op.dim
