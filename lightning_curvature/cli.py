@@ -348,9 +348,15 @@ _TABLE_COLUMNS: tuple[tuple[str, str, str | None], ...] = (
 
 
 def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
-    """Folders below ``logdir`` (inclusive) that hold TensorBoard event files, sorted."""
-    root = Path(logdir)
-    return sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
+    """Folders below ``logdir`` (inclusive) that hold TensorBoard event files, sorted.
+
+    Symbolic links to run folders are followed, so a run can appear in several comparisons.
+    """
+    runs = set()
+    for folder, _, files in os.walk(logdir, followlinks=True):
+        if any(f.startswith("events.out.tfevents.") for f in files):
+            runs.add(Path(folder))
+    return sorted(runs)
 
 
 def load_scalars(run_dir: str | os.PathLike[str]) -> dict[str, tuple[list[float], list[float]]]:

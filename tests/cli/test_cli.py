@@ -143,6 +143,7 @@ def test_report_on_handwritten_event_files(tmp_path):
             writer.add_scalar("val/loss", 1.0 / (epoch + 1), epoch)
         writer.add_scalar("val/loss", 0.125, 2)  # a rewritten step: the last value wins
         writer.close()
+    (logdir / "c").symlink_to(logdir / "a", target_is_directory=True)  # linked runs count too
     png, markdown = make_report(logdir, output=tmp_path / "r.png", table=tmp_path / "r.md")
     assert png == tmp_path / "r.png" and png.is_file()
     assert (tmp_path / "r.md").read_text() == markdown
@@ -151,6 +152,8 @@ def test_report_on_handwritten_event_files(tmp_path):
     assert cells[:4] == ["b", "3", "14 ± 0.5", "–"]  # run, epoch, λ̂ ± std, no WBIC logged
     assert cells[4] == "200 ± 2" and cells[5] == "7" and cells[6] == "-0.25"
     assert load_scalars(logdir / "a")["val/loss"][1][2] == 0.125
+    labels = [line.split("|")[1].strip() for line in markdown.splitlines()[2:]]
+    assert labels == ["a", "b", "c"]
 
 
 def test_report_without_runs_fails_clearly(tmp_path):
