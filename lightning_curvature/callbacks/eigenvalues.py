@@ -26,11 +26,21 @@ class HessianEigenvalues(CurvatureCallback):
     Parameters
     ----------
     max_iters : int
-        Lanczos iterations at most (one HVP each). Default 20.
+        Lanczos iterations at most (one HVP each). Default 20: about 20% of an epoch per
+        measurement; λ_max converges to a relative residual ~1e-5, λ_min (small, inside the
+        bulk) to ~2e-2 while its value agrees with a 100-iteration run to 0.2%.
     tol : float
         Relative residual at which Lanczos stops early. Default 1e-3.
-    num_samples, batch_size, every_n_epochs, seed, loss_fn, eval_mode, measure_on_train_start
+    every_n_epochs : int
+        Default 2 (about 10% of an epoch amortized).
+    num_samples, batch_size, seed, loss_fn, eval_mode, measure_on_train_start
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
+
+    Notes
+    -----
+    Measured costs are for an MLP 784-256-256-10 on one CPU thread, relative to one
+    Fashion-MNIST training epoch at batch 128 (``benchmarks/overhead.py``,
+    ``docs/benchmarks.md``).
     """
 
     def __init__(

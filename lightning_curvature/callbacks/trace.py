@@ -25,17 +25,23 @@ class HessianTrace(CurvatureCallback):
     Parameters
     ----------
     num_matvecs : int
-        HVP budget per measurement (>= 3). Cost: ``num_matvecs`` HVPs, each about 2-3 forward +
-        backward passes over the ``num_samples`` measurement samples. Default 30: for an MLP
-        784-256-256-10 on 1024 samples about a tenth of a CPU Fashion-MNIST epoch (see
-        ``docs/benchmarks.md``); the standard error printed next to the value says what it buys.
+        HVP budget per measurement (>= 4). Cost: ``num_matvecs`` HVPs, each about four training
+        steps' worth of compute on the 256 default measurement samples. Default 30 (every
+        epoch): about 15% of an epoch, for a standard error of about 6% of tr H (5x the budget
+        brings it to 2%). The logged stderr says what the budget buys.
     num_samples, batch_size, every_n_epochs, seed, loss_fn, eval_mode, measure_on_train_start
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
+
+    Notes
+    -----
+    Measured costs are for an MLP 784-256-256-10 on one CPU thread, relative to one
+    Fashion-MNIST training epoch at batch 128 (``benchmarks/overhead.py``,
+    ``docs/benchmarks.md``).
     """
 
     def __init__(self, *, num_matvecs: int = 30, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.num_matvecs = check_int("num_matvecs", num_matvecs, 3)
+        self.num_matvecs = check_int("num_matvecs", num_matvecs, 4)
 
     def measure(self, ctx: MeasurementContext) -> Measurement:
         op = curvature.HessianOperator(
