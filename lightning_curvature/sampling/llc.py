@@ -366,7 +366,7 @@ def estimate_llc(
     num_chains: int = 4,
     num_draws: int = 200,
     num_burnin: int = 100,
-    step_size: float = 1e-5,
+    step_size: float = 1e-4,
     localization: float = 100.0,
     nbeta: float | None = None,
     n: int | None = None,
@@ -405,11 +405,15 @@ def estimate_llc(
     num_chains : int
         Chains of the full run (global ids ``0 .. num_chains − 1``).
     num_draws, num_burnin : int
-        Recorded steps and discarded steps per chain.
+        Recorded steps and discarded steps per chain. Starting at w*, the loss climbs for a
+        while before it fluctuates around its posterior mean: without burn-in λ̂ is biased low
+        (``docs/benchmarks.md``: 200 draws without burn-in on an MLP); ``r_hat``,
+        ``llc_drift`` and ``converged`` report it.
     step_size : float
-        ε (> 0). Use :func:`calibrate_sgld` to choose it.
+        ε (> 0). The default 1e-4 (with γ = 100, nβ = n/ln n) is stable for the small
+        Fashion-MNIST MLPs of ``benchmarks/llc.py``; use :func:`calibrate_sgld` for others.
     localization : float
-        γ (>= 0).
+        γ (>= 0); 100 by default, as in Lau et al. (2023).
     nbeta : float, optional
         nβ; default ``n / ln n``.
     n : int, optional
