@@ -179,7 +179,8 @@ class CurvatureCallback(Callback):
     seed : int
         Seeds the measurement-set draw and, with the epoch, every random probe.
     loss_fn : callable, optional
-        ``loss_fn(outputs, targets) -> scalar mean loss``; default ``pl_module.loss_fn`` or
+        ``loss_fn(outputs, targets) -> scalar mean loss`` with ``outputs = pl_module(inputs)``
+        (the LightningModule's ``forward``); default ``pl_module.loss_fn`` or
         ``pl_module.criterion``.
     eval_mode : bool
         Measure with the model in eval mode (no dropout, BatchNorm running statistics).

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -70,14 +69,3 @@ class DistributedInfo:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
-
-    def any(self, flag: bool, device: torch.device | None = None) -> bool:
-        """True on every rank if ``flag`` is true on any rank (keeps ranks in lock-step).
-
-        ``device`` must be one the backend can reduce on (CUDA for NCCL).
-        """
-        if not self.is_distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)

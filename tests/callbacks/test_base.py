@@ -268,3 +268,16 @@ def test_progress_uses_a_rich_progress_bar_when_that_is_the_trainers():
     with MeasurementProgress(trainer, "X", 3) as p:
         p.update(1)
     assert calls == []
+
+
+def test_other_loggers_get_scalars_at_the_epoch_axis(tiny, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    t = tiny.trainer(tmp_path, [Probe(measure_on_train_start=True)], max_epochs=2, logger=logger)
+    t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("probe/grad_norm")]
+    assert sorted(int(r["step"]) for r in rows) == [0, 1, 2]
