@@ -219,3 +219,22 @@ def test_resume_from_checkpoint_gives_the_same_later_values(tiny, tmp_path):
             assert b[tag][step] == pytest.approx(series[step], rel=rel, abs=1e-7), (tag, step)
             compared += 1
     assert compared >= 2 * 10
+
+
+@needs_all
+def test_ngd_training_is_bitwise_identical_with_the_suite(tiny, tmp_path):
+    from lightning_curvature.models import ImageClassifier
+
+    def run(callbacks, sub):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        module = ImageClassifier(net, optimizer="ngd", lr=0.05, alpha=1.0, num_classes=3)
+        t = tiny.trainer(tmp_path / sub, callbacks, max_epochs=2)
+        t.fit(module, tiny.loader(tiny.make_dataset()))
+        return module.state_dict(), t
+
+    plain, _ = run([], "plain")
+    measured, t = run(small_suite(), "measured")
+    assert all(torch.equal(plain[k], measured[k]) for k in plain)
+    logged = tiny.scalars(t.logger.log_dir)
+    assert sorted(logged["ngd/kappa"]) == [1, 2] and sorted(logged["ngd/fisher_trace"]) == [1, 2]
