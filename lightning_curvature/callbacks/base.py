@@ -330,7 +330,7 @@ class CurvatureCallback(Callback):
             )
         dist = DistributedInfo.from_trainer(trainer)
         device = _module_device(pl_module)
-        key = (dist.rank, dist.world_size, str(device))
+        key = (id(dataset), dist.rank, dist.world_size, str(device))
         if self._data is None or self._data_key != key:
             indices = dist.shard(self._indices) if self.shard_measurement_set else self._indices
             if len(indices) == 0:
