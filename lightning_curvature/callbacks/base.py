@@ -22,6 +22,7 @@ class owns the rest of the contract in ``DESIGN.md``:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import zlib
@@ -368,7 +369,8 @@ class CurvatureCallback(Callback):
         start = time.perf_counter()
         with measurement_context(pl_module):
             data = self._ensure_measurement_set(trainer, pl_module)
-            center = self._center_loss(pl_module, loss_fn, data, dist)
+            model = _full_precision(pl_module)
+            center = self._center_loss(model, loss_fn, data, dist)
             if not math.isfinite(center):
                 self._warn(
                     f"the loss on the measurement set is {center} at epoch {step}; "
@@ -377,7 +379,7 @@ class CurvatureCallback(Callback):
                 return None
             ctx = MeasurementContext(
                 trainer=trainer,
-                pl_module=pl_module,
+                pl_module=model,
                 loss_fn=loss_fn,
                 data=data,
                 generator=self.generator(step, _module_device(pl_module)),
@@ -419,6 +421,32 @@ class CurvatureCallback(Callback):
                     sink.histogram(tag, limits, counts)
         self.last_measurement = result
         return result
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _full_precision(module: nn.Module) -> nn.Module:
+    """``module`` itself, or a float32 copy if any parameter is half precision.
+
+    Under mixed precision (``"16-mixed"``, ``"bf16-mixed"``) the parameters are already float32
+    and autocast is disabled by the guard. Under ``"*-true"`` precision the parameters themselves
+    are half: measuring on a float32 copy keeps HVPs and losses in full precision and the data
+    (float32 samples) consistent with the weights. The Trainer a LightningModule references is
+    shared with the copy, not copied.
+    """
+    if not any(p.dtype in _LOW_PRECISION for p in module.parameters()):
+        return module
+    trainer = getattr(module, "_trainer", None)
+    memo = {id(trainer): trainer} if trainer is not None else {}
+    clone = copy.deepcopy(module, memo)
+    for p in clone.parameters():
+        if p.dtype in _LOW_PRECISION:
+            p.data = p.data.float()
+    for _, b in clone.named_buffers():
+        if b.dtype in _LOW_PRECISION:
+            b.data = b.data.float()
+    return clone
 
 
 def _module_device(module: nn.Module) -> torch.device:

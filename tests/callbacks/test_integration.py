@@ -238,3 +238,19 @@ def test_ngd_training_is_bitwise_identical_with_the_suite(tiny, tmp_path):
     assert all(torch.equal(plain[k], measured[k]) for k in plain)
     logged = tiny.scalars(t.logger.log_dir)
     assert sorted(logged["ngd/kappa"]) == [1, 2] and sorted(logged["ngd/fisher_trace"]) == [1, 2]
+
+
+@_needs("hutchpp_trace", "HessianOperator")
+def test_measured_in_full_precision_under_mixed_and_half_precision(tiny, tmp_path):
+    def trace_at_start(precision):
+        torch.manual_seed(0)
+        trace = cb.HessianTrace(num_samples=64, num_matvecs=12, measure_on_train_start=True)
+        t = tiny.trainer(tmp_path / precision, [trace], max_epochs=1, precision=precision)
+        t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
+        return tiny.scalars(t.logger.log_dir)["curvature/trace"][0]
+
+    full = trace_at_start("32-true")
+    # mixed precision keeps float32 weights: the measurement is the float32 one, exactly
+    assert trace_at_start("bf16-mixed") == full
+    # true bf16 weights are measured on a float32 copy (only the bf16 rounding of w differs)
+    assert trace_at_start("bf16-true") == pytest.approx(full, rel=2e-2)
