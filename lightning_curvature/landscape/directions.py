@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.curvature.params import ParameterLayout
+from lightning_curvature.curvature.probes import as_generator
 
 __all__ = ["HessianDirections", "hessian_directions", "random_directions"]
 
@@ -68,7 +69,7 @@ def random_directions(
     ignore: str | None = "biasbn",
     orthogonalize: bool = False,
     params: Iterable[Tensor] | Iterable[str] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> list[Tensor]:
     r"""Random Gaussian directions, normalized per filter (Li et al. 2018) or per layer.
 
@@ -110,9 +111,9 @@ def random_directions(
         change is small).
     params : iterable of tensors or names, optional
         Restrict to these parameters (same meaning as ``ParameterLayout.from_module``).
-    generator : torch.Generator, optional
-        Source of randomness (its device decides where the numbers are drawn). The global RNG
-        is never used.
+    generator : torch.Generator or int, optional
+        Source of randomness, or a seed (its device decides where the numbers are drawn).
+        ``None``: a fresh, nondeterministically seeded generator. The global RNG is never used.
 
     Returns
     -------
@@ -133,7 +134,8 @@ def random_directions(
         raise ValueError(f"ignore must be one of {_IGNORE}, got {ignore!r}")
     layout = ParameterLayout.from_module(model, params)
     weights = [p.detach() for p in layout.parameters(model)]
-    draw_device = generator.device if generator is not None else weights[0].device
+    generator = as_generator(generator)
+    draw_device = generator.device
     directions = []
     for _ in range(num):
         blocks = []

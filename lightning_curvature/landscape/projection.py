@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_curvature.curvature.params import ParameterLayout
+from lightning_curvature.curvature.probes import as_generator
 
 from .evaluation import evaluate_points
 
@@ -101,7 +102,7 @@ def projection_curvatures(
     op: Any,
     num_projections: int,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     block_size: int = 16,
 ) -> ProjectionCurvatures:
     r"""Projected 2x2 Hessians of random Gaussian planes, their curvatures and saddle fraction.
@@ -129,8 +130,8 @@ def projection_curvatures(
         float64 / cpu), e.g. a ``HessianOperator``.
     num_projections : int
         Number of random planes, ``>= 2``.
-    generator : torch.Generator, optional
-        Source of randomness (the global RNG is never used).
+    generator : torch.Generator or int, optional
+        Source of randomness or a seed (``None``: fresh seed; the global RNG is never used).
     block_size : int
         Projections whose HVPs go through one ``matmat`` call (``2 * block_size`` vectors).
 
@@ -153,7 +154,8 @@ def projection_curvatures(
     dim = int(op.dim)
     dtype = getattr(op, "dtype", torch.float64)
     device = torch.device(getattr(op, "device", "cpu"))
-    draw_device = generator.device if generator is not None else device
+    generator = as_generator(generator)
+    draw_device = generator.device
     rows: list[np.ndarray] = []
     num_matvecs = 0
     done = 0
@@ -244,7 +246,7 @@ def projection_trace_hvp_free(
     *,
     radius: float,
     num_points: int = 5,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     eval_mode: bool | None = True,
     reduce_fn: Callable[[Tensor], Tensor] | None = None,
     params: object = None,
@@ -283,8 +285,8 @@ def projection_trace_hvp_free(
         Largest step, ``> 0``, in parameter-space distance.
     num_points : int
         Step sizes per direction, odd and ``>= 3`` (the centre is evaluated once, shared).
-    generator : torch.Generator, optional
-        Source of randomness.
+    generator : torch.Generator or int, optional
+        Source of randomness or a seed (``None``: fresh seed; the global RNG is never used).
     eval_mode, reduce_fn, params, chunk_size, memory_budget :
         As :func:`loss_surface`.
 
@@ -306,7 +308,8 @@ def projection_trace_hvp_free(
     start = time.perf_counter()
     layout = ParameterLayout.from_module(model, params)  # type: ignore[arg-type]
     ref = layout.parameters(model)[0]
-    draw_device = generator.device if generator is not None else ref.device
+    generator = as_generator(generator)
+    draw_device = generator.device
     z = torch.randn(
         num_directions, layout.dim, generator=generator, device=draw_device, dtype=ref.dtype
     ).to(ref.device)

@@ -106,6 +106,10 @@ def test_reproducible_and_side_effect_free(conv_setup):
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in model.parameters())
     assert a[0].dtype == torch.float64
+    random_directions(model, 2)  # generator=None: fresh seed, still not the global RNG
+    assert torch.equal(rng, torch.random.get_rng_state())
+    seeded = random_directions(model, 2, generator=9)
+    assert torch.equal(seeded[1], a[1])
 
 
 def test_parameter_subset_and_frozen_parameters():

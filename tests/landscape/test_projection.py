@@ -78,6 +78,9 @@ def test_trace_estimate_unbiased_on_dense_matrix_and_matvec_only_operator(helper
     )
     assert abs(r.trace_estimate - eig.sum().item()) < 4 * r.trace_stderr
     assert r.mean_matrix_kappa_plus == pytest.approx(eig.sum().item(), rel=0.05)
+    rng = torch.random.get_rng_state()
+    projection_curvatures(helpers.DenseOperator(h), 3)
+    assert torch.equal(rng, torch.random.get_rng_state())
     diag_only = helpers.DiagonalOperator(eig, with_matmat=False)
     with_mm = helpers.DiagonalOperator(eig)
     r1 = projection_curvatures(diag_only, 7, generator=torch.Generator().manual_seed(7))
