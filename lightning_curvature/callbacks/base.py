@@ -413,14 +413,22 @@ class CurvatureCallback(Callback):
             sink = MetricSink(trainer, pl_module, step)
             sink.scalars(scalars)
             if sink.is_global_zero and sink.tensorboard:
-                for tag, make_image in result.images.items():
-                    sink.image(tag, make_image())
-                for tag, make_figure in result.figures.items():
-                    sink.figure(tag, make_figure())
-                for tag, (limits, counts) in result.histograms.items():
-                    sink.histogram(tag, limits, counts)
+                self._log_rich(sink, result, step)
         self.last_measurement = result
         return result
+
+    def _log_rich(self, sink: MetricSink, result: Measurement, step: int) -> None:
+        # Pictures are presentation: a plotting failure is reported, never fatal to training.
+        items: list[tuple[str, Callable[[], None]]] = [
+            *((t, lambda t=t, f=f: sink.image(t, f())) for t, f in result.images.items()),
+            *((t, lambda t=t, f=f: sink.figure(t, f())) for t, f in result.figures.items()),
+            *((t, lambda t=t, h=h: sink.histogram(t, *h)) for t, h in result.histograms.items()),
+        ]
+        for tag, write in items:
+            try:
+                write()
+            except Exception as err:  # noqa: BLE001
+                self._warn(f"could not draw {tag} at epoch {step} ({err!r}); skipped")
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)

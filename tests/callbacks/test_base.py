@@ -281,3 +281,21 @@ def test_other_loggers_get_scalars_at_the_epoch_axis(tiny, tmp_path):
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("probe/grad_norm")]
     assert sorted(int(r["step"]) for r in rows) == [0, 1, 2]
+
+
+class BadFigure(Probe):
+    def measure(self, ctx):
+        result = super().measure(ctx)
+
+        def broken():
+            raise ValueError("no finite loss values to plot")
+
+        result.figures["probe/figure"] = broken
+        return result
+
+
+def test_a_failing_figure_is_warned_not_fatal(tiny, tmp_path):
+    t = tiny.trainer(tmp_path, [BadFigure()], max_epochs=1)
+    with pytest.warns(UserWarning, match="could not draw probe/figure"):
+        t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
+    assert "probe/grad_norm" in tiny.scalars(t.logger.log_dir)
