@@ -299,3 +299,28 @@ def test_a_failing_figure_is_warned_not_fatal(tiny, tmp_path):
     with pytest.warns(UserWarning, match="could not draw probe/figure"):
         t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
     assert "probe/grad_norm" in tiny.scalars(t.logger.log_dir)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        ("HessianTrace", {"num_matvecs": 3}),
+        ("HessianEigenvalues", {"max_iters": 1}),
+        ("HessianEigenvalues", {"tol": 0.0}),
+        ("HessianSpectrum", {"num_runs": 0}),
+        ("HessianSpectrum", {"sigma": -1.0}),
+        ("LocalLearningCoefficient", {"num_chains": 0}),
+        ("LocalLearningCoefficient", {"step_size": 0.0}),
+        ("LocalLearningCoefficient", {"localization": -1.0}),
+        ("LocalLearningCoefficient", {"nbeta": float("nan")}),
+        ("LossProjection", {"steps": 2}),
+        ("LossProjection", {"trace_num_points": 4}),
+        ("LossProjection", {"normalization": "unit"}),
+        ("LossProjection", {"every_n_epochs": 0}),
+    ],
+)
+def test_engine_knobs_are_validated_at_construction(cls, kwargs):
+    import lightning_curvature.callbacks as cb
+
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        getattr(cb, cls)(**kwargs)
