@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.curvature.eigen import extreme_eigenpairs
 from lightning_curvature.curvature.params import ParameterLayout
 from lightning_curvature.curvature.probes import as_generator
 
@@ -247,8 +248,6 @@ def hessian_directions(
     L. Böttcher, G. Wheeler, "Visualizing high-dimensional loss landscapes with Hessian
     directions", J. Stat. Mech. (2024) 023401, §II.
     """
-    from lightning_curvature.curvature import extreme_eigenpairs
-
     pairs = extreme_eigenpairs(op, v0=v0, generator=generator, **lanczos_kwargs)
     return HessianDirections(
         v_max=pairs.v_max,

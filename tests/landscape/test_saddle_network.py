@@ -72,9 +72,8 @@ def test_random_projections_of_this_hessian_rarely_show_the_saddle(saddle_point)
 
 
 def test_engine_hessian_directions_find_the_saddle(saddle_point):
-    curvature = pytest.importorskip("lightning_curvature.curvature")
-    if not hasattr(curvature, "extreme_eigenpairs"):
-        pytest.skip("engine's extreme_eigenpairs not available yet")
+    from lightning_curvature import curvature
+
     sp = saddle_point
     op = curvature.HessianOperator(sp.model, sp.loss_fn, sp.data)
     # tol is relative to max |λ| ≈ 13: resolving λ_min ≈ -0.01 needs tol well below 1e-3
@@ -91,9 +90,6 @@ def test_engine_hessian_directions_find_the_saddle(saddle_point):
 
 
 def test_hessian_directions_on_a_diagonal_operator(helpers):
-    curvature = pytest.importorskip("lightning_curvature.curvature")
-    if not hasattr(curvature, "extreme_eigenpairs"):
-        pytest.skip("engine's extreme_eigenpairs not available yet")
     h = torch.linspace(-1.0, 3.0, 60, dtype=torch.float64)
     h = h[torch.randperm(60, generator=torch.Generator().manual_seed(0))]
     hd = hessian_directions(
