@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--step-size", type=float, default=1e-4)
     parser.add_argument("--localization", type=float, default=100.0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--long-burnin", type=int, default=1000)
     parser.add_argument("--long-draws", type=int, default=1000)
@@ -198,35 +198,37 @@ def main() -> None:
     cal.figure().savefig(out / "llc_calibration.png", dpi=90)
     print(f"figure: {out / 'llc_calibration.png'}")
 
-    # Ours: vectorized (default) and the sequential fallback.
-    ours, ours_t, seq_t = [], [], []
-    for r in range(args.repeats):
-        est = estimate_llc(model, ce, (x, y), seed=r, **common)
-        ours.append(est)
-        ours_t.append(est.seconds)
-        seq = estimate_llc(model, ce, (x, y), seed=r, vectorize=False, **common)
-        seq_t.append(seq.seconds)
-        assert np.allclose(seq.loss_trace, est.loss_trace, rtol=1e-3, atol=1e-4)
-    hand_t = []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        hand_written_sgld(model, x, y, eps=eps, gamma=gamma, nbeta=nbeta, batch_size=batch,
-                          chains=chains, draws=draws, seed=r)  # fmt: skip
-        hand_t.append(time.perf_counter() - t0)
-    init_loss = ours[0].init_loss
-
-    dev = []
-    if not args.skip_devinterp:
-        with tempfile.TemporaryDirectory() as tmp:
-            state_path, data_path = Path(tmp) / "mlp.pt", Path(tmp) / "data.pt"
-            torch.save(model.state_dict(), state_path)
-            torch.save({"x": x_u8, "y": y}, data_path)
-            dev = run_devinterp(
-                dict(state=str(state_path), data=str(data_path), eps=eps, gamma=gamma,
-                     nbeta=nbeta, batch_size=batch, chains=chains, draws=draws,
-                     init_loss=init_loss, seed=0, repeats=args.repeats,
-                     threads=args.threads)
-            )  # fmt: skip
+    # Timings, interleaved repeat by repeat so that every contender sees the same machine load
+    # (the machine is shared). Everyone gets the same precomputed L_n(w*) (devinterp as
+    # init_loss), so the timed work is the 4 x 200 SGLD steps plus each library's overhead.
+    init_loss = estimate_llc(model, ce, (x, y), **dict(common, num_draws=1)).init_loss
+    ours, ours_t, seq_t, hand_t, dev = [], [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        state_path, data_path = Path(tmp) / "mlp.pt", Path(tmp) / "data.pt"
+        torch.save(model.state_dict(), state_path)
+        torch.save({"x": x_u8, "y": y}, data_path)
+        for r in range(args.repeats):
+            est = estimate_llc(model, ce, (x, y), seed=r, init_loss=init_loss, **common)
+            ours.append(est)
+            ours_t.append(est.seconds)
+            seq = estimate_llc(
+                model, ce, (x, y), seed=r, init_loss=init_loss, vectorize=False, **common
+            )
+            seq_t.append(seq.seconds)
+            assert np.allclose(seq.loss_trace, est.loss_trace, rtol=1e-3, atol=1e-4)
+            t0 = time.perf_counter()
+            hand_written_sgld(model, x, y, eps=eps, gamma=gamma, nbeta=nbeta, batch_size=batch,
+                              chains=chains, draws=draws, seed=r)  # fmt: skip
+            hand_t.append(time.perf_counter() - t0)
+            if not args.skip_devinterp:
+                dev += run_devinterp(
+                    dict(state=str(state_path), data=str(data_path), eps=eps, gamma=gamma,
+                         nbeta=nbeta, batch_size=batch, chains=chains, draws=draws,
+                         init_loss=init_loss, seed=r, repeats=1, threads=args.threads)
+                )  # fmt: skip
+            print(f"repeat {r}: ours {ours_t[-1]:.2f} s, sequential {seq_t[-1]:.2f} s, "
+                  f"hand loop {hand_t[-1]:.2f} s"
+                  + (f", devinterp {dev[-1]['seconds']:.2f} s" if dev else ""))  # fmt: skip
 
     # Converged reference.
     long = estimate_llc(
@@ -241,7 +243,8 @@ def main() -> None:
     print("\n== LLC, 4 chains x 200 draws, no burn-in ==")
     for r, est in enumerate(ours):
         print(f"ours  seed {r}: llc {est.llc_mean:8.1f} ± {est.llc_std:6.1f} (std over chains)  "
-              f"r_hat {est.r_hat:.3f}  drift {est.llc_drift:+7.1f} ± {est.llc_drift_stderr:5.1f}  "
+              f"r_hat {est.r_hat:.3f}  geweke z {est.geweke_z:+.2f}  "
+              f"drift {est.llc_drift:+7.1f} ± {est.llc_drift_stderr:5.1f}  "
               f"converged={est.converged}  {est.seconds:.2f} s")  # fmt: skip
     for r, d in enumerate(dev):
         print(f"devinterp seed {r}: llc {d['llc_mean']:8.1f} ± {d['llc_std']:6.1f}  "
@@ -275,6 +278,7 @@ def main() -> None:
     print("\n== 200 draws without burn-in vs converged ==")
     print(f"converged reference ({args.long_burnin} burn-in + {args.long_draws} draws): "
           f"llc {long.llc_mean:.1f} ± {long.llc_stderr:.1f} (s.e.), r_hat {long.r_hat:.3f}, "
+          f"geweke z {long.geweke_z:+.2f}, "
           f"drift {long.llc_drift:+.1f} ± {long.llc_drift_stderr:.1f}, "
           f"converged={long.converged}")  # fmt: skip
     print(f"200 draws, no burn-in (ours, mean over seeds): {o_mean:.1f} = "

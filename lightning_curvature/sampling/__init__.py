@@ -5,11 +5,12 @@ No Lightning import. Entry points: :func:`estimate_llc` (-> :class:`LLCEstimate`
 """
 
 from .calibration import SGLDCalibration, calibrate_sgld
-from .diagnostics import divergence_threshold, split_r_hat
-from .llc import R_HAT_THRESHOLD, LLCEstimate, default_nbeta, estimate_llc
+from .diagnostics import divergence_threshold, geweke_z, split_r_hat
+from .llc import GEWEKE_THRESHOLD, R_HAT_THRESHOLD, LLCEstimate, default_nbeta, estimate_llc
 from .sgld import ChainTraces, chain_generators, minibatch_indices, run_sgld_chains
 
 __all__ = [
+    "GEWEKE_THRESHOLD",
     "R_HAT_THRESHOLD",
     "ChainTraces",
     "LLCEstimate",
@@ -19,6 +20,7 @@ __all__ = [
     "default_nbeta",
     "divergence_threshold",
     "estimate_llc",
+    "geweke_z",
     "minibatch_indices",
     "run_sgld_chains",
     "split_r_hat",

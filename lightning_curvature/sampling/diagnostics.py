@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["divergence_threshold", "diverged_rows", "split_r_hat"]
+__all__ = ["diverged_rows", "divergence_threshold", "geweke_z", "split_r_hat"]
 
 
 def divergence_threshold(
@@ -80,3 +80,46 @@ def split_r_hat(traces: np.ndarray) -> float:
     between_over_len = means.var(ddof=1)
     var_plus = (half - 1) / half * within + between_over_len
     return float(math.sqrt(var_plus / within))
+
+
+def _mean_and_var_of_mean(seg: np.ndarray) -> tuple[float, float]:
+    """Mean of a 1-D segment and the variance of that mean by non-overlapping batch means."""
+    k = max(2, min(10, seg.size // 5))
+    usable = seg[: (seg.size // k) * k].reshape(k, -1)
+    batch_means = usable.mean(axis=1)
+    return float(seg.mean()), float(batch_means.var(ddof=1) / k)
+
+
+def geweke_z(traces: np.ndarray, first: float = 0.1, last: float = 0.5) -> float:
+    """Pooled Geweke z-score: early-window mean against late-window mean, across chains.
+
+    For every chain, the mean of its first ``first`` fraction of draws is compared with the mean
+    of its last ``last`` fraction; the variances of both means come from non-overlapping batch
+    means (which absorb short-range autocorrelation). Pooled over chains,
+
+        z = Σ_c (m_late,c − m_early,c) / sqrt(Σ_c (v_early,c + v_late,c)).
+
+    A chain started at w* whose loss is still climbing (no or too short burn-in) has z ≫ 0; a
+    stationary chain has z ~ N(0, 1). Geweke (1992), "Evaluating the accuracy of
+    sampling-based approaches to the calculation of posterior moments". Returns ``nan`` when a
+    window has fewer than 4 draws or the variances vanish.
+    """
+    x = np.asarray(traces, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"traces must be 2-D (chains x draws), got shape {x.shape}")
+    if not (0 < first < 1 and 0 < last < 1 and first + last <= 1):
+        raise ValueError(
+            f"first and last must be fractions in (0, 1) with sum <= 1, got {first}, {last}"
+        )
+    n_first, n_last = int(first * x.shape[1]), int(last * x.shape[1])
+    if x.shape[0] == 0 or n_first < 4 or n_last < 4:
+        return math.nan
+    diff = var = 0.0
+    for row in x:
+        m_a, v_a = _mean_and_var_of_mean(row[:n_first])
+        m_b, v_b = _mean_and_var_of_mean(row[row.size - n_last :])
+        diff += m_b - m_a
+        var += v_a + v_b
+    if not (np.isfinite(var) and var > 0):
+        return math.nan
+    return float(diff / math.sqrt(var))

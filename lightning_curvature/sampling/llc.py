@@ -31,13 +31,17 @@ from torch import Tensor, nn
 from ..curvature.batches import BatchSet, as_batch_set
 from ..curvature.functional import FunctionalLoss, module_mode
 from ..curvature.params import ParameterLayout
-from .diagnostics import diverged_rows, divergence_threshold, split_r_hat
+from .diagnostics import diverged_rows, divergence_threshold, geweke_z, split_r_hat
 from .sgld import run_sgld_chains
 
-__all__ = ["LLCEstimate", "R_HAT_THRESHOLD", "default_nbeta", "estimate_llc"]
+__all__ = ["GEWEKE_THRESHOLD", "LLCEstimate", "R_HAT_THRESHOLD", "default_nbeta", "estimate_llc"]
 
 #: Split-R̂ above this marks an estimate as not converged (and warns).
 R_HAT_THRESHOLD = 1.1
+#: |Geweke z| above this (with a material drift) marks an estimate as not converged.
+GEWEKE_THRESHOLD = 3.0
+#: A drift of λ̂ between trace halves above this fraction of λ̂ is material.
+DRIFT_TOLERANCE = 0.05
 
 LossFn = Callable[[object, object], Tensor]
 
@@ -80,8 +84,13 @@ class LLCEstimate:
         trace that is still climbing shows up here in λ units.
     llc_drift_stderr : float
         Standard error of ``llc_drift`` across chains (``nan`` with one chain).
+    geweke_z : float
+        Pooled Geweke z of the draw losses (first 10% vs last 50%, batch-means variances):
+        large and positive while the loss is still climbing from L_n(w*).
     converged : bool
-        No diverged chain, and ``r_hat <= R_HAT_THRESHOLD``.
+        No diverged chain, ``r_hat <= R_HAT_THRESHOLD``, and not (``|geweke_z| >
+        GEWEKE_THRESHOLD`` and ``|llc_drift| > DRIFT_TOLERANCE·|llc_mean|``): the draw loss must
+        not trend significantly *and* materially.
     num_grad_evals : int
         Minibatch gradient evaluations (chains × (burn-in + draws)).
     seconds : float
@@ -104,6 +113,7 @@ class LLCEstimate:
     r_hat: float
     llc_drift: float
     llc_drift_stderr: float
+    geweke_z: float
     converged: bool
     num_grad_evals: int
     seconds: float
@@ -164,7 +174,7 @@ class LLCEstimate:
             )
         if good.shape[0] == 0:
             messages.append("every SGLD chain diverged: the LLC is undefined (nan)")
-            mean = std = stderr = drift = drift_stderr = r_hat = math.nan
+            mean = std = stderr = drift = drift_stderr = r_hat = z = math.nan
         else:
             healthy = per_chain[~bad]
             mean = float(healthy.mean())
@@ -182,12 +192,25 @@ class LLCEstimate:
                         per_chain_drift.std(ddof=1) / math.sqrt(per_chain_drift.size)
                     )
             r_hat = split_r_hat(good)
-        converged = not diverged and math.isfinite(r_hat) and r_hat <= R_HAT_THRESHOLD
+            z = geweke_z(good)
+        converged = (
+            not diverged
+            and math.isfinite(r_hat)
+            and r_hat <= R_HAT_THRESHOLD
+            and not (
+                # Significant (Geweke) and material (λ̂ moves by more than DRIFT_TOLERANCE
+                # between trace halves): with many chains a negligible drift is significant.
+                math.isfinite(z)
+                and abs(z) > GEWEKE_THRESHOLD
+                and abs(drift) > DRIFT_TOLERANCE * abs(mean)
+            )
+        )
         if good.shape[0] > 0 and not converged and not diverged:
             messages.append(
-                f"SGLD loss traces have not converged (split R-hat {r_hat:.3f} > "
-                f"{R_HAT_THRESHOLD}; drift of λ̂ between trace halves {drift:.4g}): the LLC is "
-                "likely biased; increase num_burnin / num_draws or the step size."
+                f"SGLD loss traces have not converged (split R-hat {r_hat:.3f}, limit "
+                f"{R_HAT_THRESHOLD}; Geweke z {z:.2f}, limit ±{GEWEKE_THRESHOLD:g}; λ̂ drift "
+                f"between trace halves {drift:.4g} ± {drift_stderr:.2g}): the LLC is likely "
+                "biased; increase num_burnin / num_draws."
             )
         wbic = None
         if math.isclose(nbeta, default_nbeta(n), rel_tol=1e-9) and math.isfinite(mean):
@@ -210,6 +233,7 @@ class LLCEstimate:
             r_hat=r_hat,
             llc_drift=drift,
             llc_drift_stderr=drift_stderr,
+            geweke_z=z,
             converged=converged,
             num_grad_evals=int(num_grad_evals),
             seconds=float(seconds),

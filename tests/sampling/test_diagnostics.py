@@ -41,3 +41,17 @@ def test_divergence_threshold_formula():
     assert t == pytest.approx(0.5 + 100 * (50 + 10) / 10.0 + 0.1)
     with pytest.raises(ValueError, match="runaway_factor"):
         divergence_threshold(0.5, dim=1, nbeta=1.0, runaway_factor=0.0)
+
+
+def test_geweke_z_is_standard_normal_when_stationary_and_large_for_a_climb():
+    from lightning_curvature.sampling import geweke_z
+
+    rng = np.random.default_rng(1)
+    zs = [geweke_z(rng.standard_normal((4, 400))) for _ in range(200)]
+    assert abs(np.mean(zs)) < 0.3 and 0.7 < np.std(zs) < 1.5
+    # A loss that climbs for the first 10% of the draws (no burn-in) and then plateaus.
+    climb = np.minimum(np.arange(400) / 40, 1.0)[None, :]
+    assert geweke_z(rng.standard_normal((4, 400)) + climb) > 3  # GEWEKE_THRESHOLD
+    assert np.isnan(geweke_z(np.zeros((2, 20))))
+    with pytest.raises(ValueError, match="fractions"):
+        geweke_z(np.zeros((2, 100)), first=0.6, last=0.6)
