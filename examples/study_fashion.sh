@@ -11,8 +11,8 @@ experiments=("${@:-1 2 3 3b 4}")
 for exp in ${experiments[*]}; do
   start=$(date +%s)
   case "$exp" in
-    1)  # SGD vs NGD, MLPs 784-64-10, 784-256-10 and 784-256-256-10
-      for hidden in "[64]" "[256]" "[256,256]"; do
+    1)  # SGD vs NGD, MLPs 784-64-10, 784-256-10, 784-64-64-10 and 784-256-256-10
+      for hidden in "[64]" "[256]" "[64,64]" "[256,256]"; do
         tag=$(echo "$hidden" | tr -d '[]' | tr ',' 'x')
         lc fit --config "$base" --trainer.logger.init_args.name=sgd_vs_ngd \
           --model.model.init_args.hidden_sizes="$hidden" --model.optimizer=sgd --model.lr=0.05 \
@@ -24,9 +24,9 @@ for exp in ${experiments[*]}; do
       report=sgd_vs_ngd ;;
     2)  # NGD damping on 784-256-256-10: alpha in {1e-1, 1e-3} at eps=1e-10; alpha=1e-2 is
         # experiment 1's mlp256x256_ngd run (same settings), not repeated. eps only floors tr F
-        # (kappa = alpha * max(tr F, eps) / d) and every logged tr F is > 1 here, so eps in
-        # {1e-10, 1e-6, 1e-3} gives the same kappa and the same run: not run separately.
-      for pair in "1e-1 1e-10" "1e-3 1e-10"; do
+        # (kappa = alpha * max(tr F, eps) / d) and every logged tr F is > 1 here, so one eps=1e-3
+        # run checks that it gives the same run.
+      for pair in "1e-1 1e-10" "1e-3 1e-10" "1e-2 1e-3"; do
         set -- $pair
         lc fit --config "$base" --trainer.logger.init_args.name=alpha_eps \
           --model.optimizer=ngd --model.lr=0.003 --model.alpha="$1" --model.eps="$2" \
