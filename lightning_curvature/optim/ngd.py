@@ -100,6 +100,7 @@ class _Capture:
     output_grad: Tensor | None = None
     true_cotangents: Tensor | None = None  # (C − 1, B, C) factor of diag p − p pᵀ per sample
     fisher_chol: Tensor | None = None  # (B, C − 1, C − 1) Cholesky of diag q − q qᵀ, float64
+    nonfinite_outputs: bool = False  # logits with inf/NaN: the step is skipped, never raised
     fisher_keep: Tensor | None = None  # (B, C) mask of the non-reference classes
 
 
@@ -378,6 +379,10 @@ class NGD(torch.optim.Optimizer):
                 "fisher_type='true' needs the model to return logits of shape (B, C), got "
                 f"{tuple(output.shape)}"
             )
+        if not bool(torch.isfinite(output.detach()).all()):
+            # The step is skipped (see _step); raising here would abort training mid-closure.
+            cap.nonfinite_outputs = True
+            return
         probs = torch.softmax(output.detach().double(), dim=-1)
         probs = probs.clamp_min(torch.finfo(output.dtype).tiny)
         batch, num_classes = probs.shape
@@ -537,6 +542,9 @@ class NGD(torch.optim.Optimizer):
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         )
         grad_sq = float(torch.dot(grad, grad))
+        if cap.nonfinite_outputs:
+            self._skip("the model's outputs are not finite")
+            return
         if not math.isfinite(grad_sq):
             self._skip("the gradient is not finite")
             return

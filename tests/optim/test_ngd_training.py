@@ -131,10 +131,13 @@ def test_nonfinite_gradient_skips_the_step():
     assert opt.stats["skipped"] is False
 
 
-def test_nonfinite_input_does_not_corrupt_weights():
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_nonfinite_input_does_not_corrupt_weights(fisher_type):
+    # Non-finite logits must skip the step, not raise (the true Fisher factorizes softmax
+    # probabilities inside the forward hook, where a NaN once raised a Cholesky error).
     x, y = blobs(64)
     model = classifier()
-    opt = NGD(model, lr=0.1)
+    opt = NGD(model, lr=0.1, fisher_type=fisher_type)
     weights = copy.deepcopy(model.state_dict())
     xb = x[:16].clone()
     xb[3, 2] = float("inf")
