@@ -9,8 +9,8 @@ processed in chunks: each chunk of points is stacked into a ``(C, dim)`` paramet
 Why both: on a GPU a small model is launch-bound and vmap over points is much faster; on a CPU a
 forward pass over a few thousand samples is already a large GEMM and vmap's batched matmuls were
 measured *slower* than a plain loop (1.2-2x the bare-forward floor vs about 1.1x, the loss
-included, on the MLP 784-128-10 with 2,048 samples). With ``vectorize=None`` the choice is made
-by timing the first points both ways (the timed points are real grid points, nothing is wasted).
+included, on the MLP 784-128-10 with 2,048 samples). With ``vectorize=None`` the choice is fixed
+by the device (vmap off the CPU, the loop on it), so the numbers never depend on timing.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from lightning_curvature.curvature.params import ParameterLayout
 __all__ = ["PointEvaluation", "evaluate_points"]
 
 ReduceFn = Callable[[Tensor], Tensor]
-_CALIBRATION_CHUNK = 4
-_VMAP_CLEARLY_SLOWER = 1.3
-_VMAP_MARGIN = 1.1
 
 
 @dataclass
@@ -127,8 +124,8 @@ def evaluate_points(
         Bytes one chunk may use (stacked parameters + an upper bound of the activations,
         measured on a probe forward pass).
     vectorize : bool, optional
-        ``True``: vmap over chunks; ``False``: one point at a time; ``None``: time both on the
-        first points and keep the faster (a model vmap cannot handle falls back to the loop).
+        ``True``: vmap over chunks; ``False``: one point at a time; ``None``: vmap on
+        accelerators, the loop on CPU (a model vmap cannot handle falls back to the loop).
     """
     start = time.perf_counter()
     layout = ParameterLayout.from_module(model, params)  # type: ignore[arg-type]
@@ -192,10 +189,17 @@ def evaluate_points(
             chunk_size = max(1, min(num_points, memory_budget // max(per_point, 1)))
         lo = 0
         if vectorize is None:
-            if chunk_size > 1 and num_points > 3:
-                vectorized, lo = _calibrate(run_loop, run_vmap, losses, num_points, chunk_size)
-            else:
-                vectorized = False
+            # A fixed rule, not a timing race: results must not depend on machine load (the
+            # paths agree only to float rounding). vmap on accelerators, where small models are
+            # launch-bound; the plain loop on CPU, where vmap measured slower (module docstring).
+            vectorized = chunk_size > 1 and center.device.type != "cpu"
+            if vectorized:
+                try:
+                    lo = min(num_points, chunk_size)
+                    losses[:lo] = run_vmap(0, lo)
+                except RuntimeError:
+                    # e.g. in-place buffer updates (BatchNorm in train mode): loop instead
+                    vectorized, lo = False, 0
         else:
             vectorized = vectorize
         while lo < num_points:
@@ -211,46 +215,3 @@ def evaluate_points(
         vectorized=vectorized,
         seconds=time.perf_counter() - start,
     )
-
-
-def _calibrate(
-    run_loop: Callable[[int, int], Tensor],
-    run_vmap: Callable[[int, int], Tensor],
-    losses: Tensor,
-    num_points: int,
-    chunk_size: int,
-) -> tuple[bool, int]:
-    """Time a few points one by one and a few with vmap (twice, interleaved); keep the faster.
-
-    Every timed point is a real point of the grid. vmap must win by ``_VMAP_MARGIN`` to be
-    chosen: near a tie the loop is preferred (less memory, and on CPUs vmap's per-point cost
-    grows with the chunk, so a small probe flatters it). Returns ``(use_vmap, points_done)``.
-    """
-    lo = 0
-
-    def timed(run: Callable[[int, int], Tensor], count: int) -> float:
-        nonlocal lo
-        hi = min(num_points, lo + count)
-        t0 = time.perf_counter()
-        losses[lo:hi] = run(lo, hi)
-        per_point = (time.perf_counter() - t0) / (hi - lo)
-        lo = hi
-        return per_point
-
-    timed(run_loop, 1)  # warm-up (allocator, caches), not compared
-    loop_times, vmap_times = [], []
-    probe = min(chunk_size, _CALIBRATION_CHUNK)
-    for _ in range(2):
-        if num_points - lo < 2 + probe:
-            break
-        loop_times.append(timed(run_loop, 2))
-        try:
-            vmap_times.append(timed(run_vmap, probe))
-        except RuntimeError:
-            # e.g. in-place buffer updates (BatchNorm in train mode) or dropout randomness
-            return False, lo
-        if min(vmap_times) > _VMAP_CLEARLY_SLOWER * min(loop_times):
-            break  # no need for a second look (each vmap probe point is paid for)
-    if not vmap_times:
-        return False, lo
-    return min(vmap_times) * _VMAP_MARGIN < min(loop_times), lo

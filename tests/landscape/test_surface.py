@@ -124,6 +124,7 @@ def test_train_mode_evaluation_restores_mode(conv_setup):
     assert not s.vectorized  # BatchNorm's running-stat update cannot be vmapped: loop fallback
 
 
+@pytest.mark.slow  # thread-simulated all-reduce harness races; real DDP: tests/callbacks
 def test_simulated_ddp_matches_single_process(conv_setup):
     model, loss_fn, batches, full = conv_setup
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
