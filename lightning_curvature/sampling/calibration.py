@@ -12,30 +12,72 @@ the traces to look at.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
-from torch import Tensor, nn
+from torch import nn
 
-from .llc import LLCEstimate, estimate_llc
+from ..checks import ArgumentError, check_float, check_int
+from ..curvature.functional import LossFn
+from .llc import estimate_llc
+from .result import LLCEstimate
 
-__all__ = ["SGLDCalibration", "calibrate_sgld"]
-
-LossFn = Callable[[object, object], Tensor]
+__all__ = ["CalibrationRow", "SGLDCalibration", "calibrate_sgld"]
 
 
-@dataclass
+@dataclass(frozen=True)
+class CalibrationRow:
+    """One ``(localization, step_size)`` configuration of a sweep (rules: :func:`calibrate_sgld`).
+
+    Attributes
+    ----------
+    step_size, localization : float
+        ε and γ.
+    llc_mean, llc_std, r_hat, llc_drift : float
+        As in :class:`LLCEstimate` for the short run.
+    num_diverged : int
+        Chains excluded (runaway or non-finite gradient).
+    exceeds_bound : bool
+        Rule 2: mean λ̂ above d/2.
+    growth : float
+        Rule 3: ``(λ̂ ratio)/(ε ratio)`` against the next smaller ε (``nan`` for the first).
+    superlinear : bool
+        ``growth > max_growth``.
+    stable : bool
+        All four rules pass.
+
+    ``row["step_size"]`` still reads a field (rows were dicts before).
+    """
+
+    step_size: float
+    localization: float
+    llc_mean: float
+    llc_std: float
+    r_hat: float
+    llc_drift: float
+    num_diverged: int
+    exceeds_bound: bool
+    stable: bool
+    growth: float = math.nan
+    superlinear: bool = False
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclass(frozen=True)
 class SGLDCalibration:
     """Result of :func:`calibrate_sgld`.
 
     Attributes
     ----------
-    rows : list of dict
-        One per ``(localization, step_size)``: ``step_size, localization, llc_mean, llc_std,
-        r_hat, llc_drift, num_diverged, exceeds_bound, growth, superlinear, stable`` (see
-        :func:`calibrate_sgld` for the rules).
-    estimates : list of LLCEstimate
+    rows : tuple of CalibrationRow
+        One per ``(localization, step_size)``, γ-major then increasing ε.
+    estimates : tuple of LLCEstimate
         The short-run estimates, in ``rows`` order (traces included).
     recommended_step_size : float or None
         Largest stable step size (for ``recommended_localization``); ``None`` if none is stable.
@@ -48,13 +90,13 @@ class SGLDCalibration:
         Wall time of the sweep.
     """
 
-    rows: list[dict]
-    estimates: list[LLCEstimate]
+    rows: tuple[CalibrationRow, ...]
+    estimates: tuple[LLCEstimate, ...]
     recommended_step_size: float | None
     recommended_localization: float | None
     dim: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = field(default=())
 
     def table(self) -> str:
         """The sweep as a plain-text table (one line per configuration)."""
@@ -65,14 +107,14 @@ class SGLDCalibration:
         lines = [head, "-" * len(head)]
         for r in self.rows:
             mark = " <- recommended" if (
-                r["step_size"] == self.recommended_step_size
-                and r["localization"] == self.recommended_localization
+                r.step_size == self.recommended_step_size
+                and r.localization == self.recommended_localization
             ) else ""  # fmt: skip
             lines.append(
-                f"{r['localization']:>9.3g} {r['step_size']:>10.3g} {r['llc_mean']:>11.5g} "
-                f"{r['llc_std']:>9.3g} {r['r_hat']:>7.3f} {r['llc_drift']:>10.4g} "
-                f"{r['num_diverged']:>8d} {'yes' if r['exceeds_bound'] else 'no':>5} "
-                f"{r['growth']:>7.2f} {'yes' if r['stable'] else 'no':>6}{mark}"
+                f"{r.localization:>9.3g} {r.step_size:>10.3g} {r.llc_mean:>11.5g} "
+                f"{r.llc_std:>9.3g} {r.r_hat:>7.3f} {r.llc_drift:>10.4g} "
+                f"{r.num_diverged:>8d} {'yes' if r.exceeds_bound else 'no':>5} "
+                f"{r.growth:>7.2f} {'yes' if r.stable else 'no':>6}{mark}"
             )
         return "\n".join(lines)
 
@@ -85,18 +127,18 @@ class SGLDCalibration:
         """
         import matplotlib.pyplot as plt
 
-        gammas = sorted({r["localization"] for r in self.rows})
+        gammas = sorted({r.localization for r in self.rows})
         fig, axes = plt.subplots(
             2, len(gammas), figsize=(5.5 * len(gammas), 7), squeeze=False, sharex=True
         )
-        steps = sorted({r["step_size"] for r in self.rows})
+        steps = sorted({r.step_size for r in self.rows})
         cmap = plt.get_cmap("viridis")
         for j, gamma in enumerate(gammas):
             ax_llc, ax_loss = axes[0, j], axes[1, j]
             for r, est in zip(self.rows, self.estimates, strict=True):
-                if r["localization"] != gamma:
+                if r.localization != gamma:
                     continue
-                color = cmap(steps.index(r["step_size"]) / max(len(steps) - 1, 1))
+                color = cmap(steps.index(r.step_size) / max(len(steps) - 1, 1))
                 trace = np.concatenate([est.burnin_trace, est.loss_trace], axis=1)
                 with np.errstate(invalid="ignore", over="ignore"):
                     mean_trace = trace.mean(axis=0)
@@ -107,8 +149,8 @@ class SGLDCalibration:
                 running = est.nbeta * (
                     np.cumsum(mean_trace) / np.arange(1, mean_trace.size + 1) - est.init_loss
                 )
-                style = "-" if r["stable"] else "--"
-                label = f"ε={r['step_size']:.2g}" + ("" if r["stable"] else " (unstable)")
+                style = "-" if r.stable else "--"
+                label = f"ε={r.step_size:.2g}" + ("" if r.stable else " (unstable)")
                 ax_llc.plot(running, style, color=color, label=label)
                 ax_loss.plot(mean_trace, style, color=color, lw=0.8)
             ax_llc.set_title(f"γ = {gamma:g}")
@@ -119,7 +161,7 @@ class SGLDCalibration:
             stable = [
                 est.llc_mean
                 for r, est in zip(self.rows, self.estimates, strict=True)
-                if r["stable"] and r["localization"] == gamma
+                if r.stable and r.localization == gamma
             ]
             bound = max_abs_llc
             if bound is None:
@@ -129,7 +171,7 @@ class SGLDCalibration:
             stable_losses = [
                 np.concatenate([est.burnin_trace, est.loss_trace], axis=1)
                 for r, est in zip(self.rows, self.estimates, strict=True)
-                if r["stable"] and r["localization"] == gamma
+                if r.stable and r.localization == gamma
             ]
             if stable_losses:
                 lo = min(float(np.min(t)) for t in stable_losses)
@@ -204,17 +246,14 @@ def calibrate_sgld(
     -------
     SGLDCalibration
     """
-    steps = sorted(float(s) for s in step_sizes)
-    gammas = sorted(float(g) for g in localizations)
-    if not steps or any(not (s > 0 and math.isfinite(s)) for s in steps):
-        raise ValueError(f"step_sizes must be a non-empty list of finite values > 0, got {steps}")
-    if not gammas or any(not (g >= 0 and math.isfinite(g)) for g in gammas):
-        raise ValueError(
-            f"localizations must be a non-empty list of finite values >= 0, got {gammas}"
-        )
-    if not (max_growth > 0 and math.isfinite(max_growth)):
-        raise ValueError(f"max_growth must be finite and > 0, got {max_growth}")
-    rows, estimates, seconds = [], [], 0.0
+    steps = _checked_grid("step_sizes", step_sizes, low_open=True)
+    gammas = _checked_grid("localizations", localizations, low_open=False)
+    check_float("max_growth", max_growth, low=0.0, low_open=True)
+    check_int("num_chains", num_chains, minimum=1)
+    check_int("num_steps", num_steps, minimum=1)
+    rows: list[CalibrationRow] = []
+    estimates: list[LLCEstimate] = []
+    seconds = 0.0
     init_loss = llc_kwargs.pop("init_loss", None)
     for gamma in gammas:
         for eps in steps:
@@ -240,43 +279,12 @@ def calibrate_sgld(
             )
             init_loss = est.init_loss  # computed once, reused for the rest of the grid
             seconds += est.seconds
-            finite = bool(np.all(np.isfinite(est.llc_per_chain)))
-            exceeds = bool(finite and est.llc_mean > est.dim / 2)
-            stable = not est.diverged_chains and finite and not exceeds
-            rows.append(
-                {
-                    "step_size": eps,
-                    "localization": gamma,
-                    "llc_mean": est.llc_mean,
-                    "llc_std": est.llc_std,
-                    "r_hat": est.r_hat,
-                    "llc_drift": est.llc_drift,
-                    "num_diverged": len(est.diverged_chains),
-                    "exceeds_bound": exceeds,
-                    "stable": stable,
-                    "growth": math.nan,
-                    "superlinear": False,
-                }
-            )
+            rows.append(_row_of(est))
             estimates.append(est)
-    # Growth rule and monotonicity, per γ in increasing ε: the first unstable ε ends the
-    # usable range (a larger step is never more stable than a smaller one).
-    for gamma in gammas:
-        prev, broken = None, False
-        for r in rows:
-            if r["localization"] != gamma:
-                continue
-            growth = math.nan
-            if prev is not None and prev["llc_mean"] > 0 and math.isfinite(r["llc_mean"]):
-                growth = (r["llc_mean"] / prev["llc_mean"]) / (r["step_size"] / prev["step_size"])
-            r["growth"] = growth
-            r["superlinear"] = bool(math.isfinite(growth) and growth > max_growth)
-            broken = broken or not r["stable"] or r["superlinear"]
-            r["stable"] = not broken
-            prev = r
+    rows = _apply_growth_rule(rows, gammas, max_growth)
     best_eps = best_gamma = None
     for gamma in gammas:
-        ok = [r["step_size"] for r in rows if r["localization"] == gamma and r["stable"]]
+        ok = [r.step_size for r in rows if r.localization == gamma and r.stable]
         if ok:
             best_eps, best_gamma = max(ok), gamma
             break
@@ -285,5 +293,57 @@ def calibrate_sgld(
         notes.append("no swept step size is stable: try smaller step sizes or a larger γ")
     elif best_eps == steps[-1]:
         notes.append("the largest swept step size is stable: larger ones may be too")
-    dim = estimates[0].dim
-    return SGLDCalibration(rows, estimates, best_eps, best_gamma, dim, seconds, notes)
+    return SGLDCalibration(
+        tuple(rows), tuple(estimates), best_eps, best_gamma, estimates[0].dim, seconds,
+        tuple(notes),
+    )  # fmt: skip
+
+
+def _checked_grid(name: str, values: Sequence[float], *, low_open: bool) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        bound = "> 0" if low_open else ">= 0"
+        raise ArgumentError(
+            f"`{name}` must be a non-empty sequence of finite values {bound}, got {values!r}"
+        )
+    return sorted(
+        check_float(f"{name}[{i}]", v, low=0.0, low_open=low_open)  # type: ignore[misc]
+        for i, v in enumerate(values)
+    )
+
+
+def _row_of(est: LLCEstimate) -> CalibrationRow:
+    """Rules 1 and 2 for one short run (rules 3 and 4 need the neighbours)."""
+    finite = bool(np.all(np.isfinite(est.llc_per_chain)))
+    exceeds = bool(finite and est.llc_mean > est.dim / 2)
+    excluded = len(est.diverged_chains) + len(est.nan_gradient_chains)
+    return CalibrationRow(
+        step_size=est.step_size,
+        localization=est.localization,
+        llc_mean=est.llc_mean,
+        llc_std=est.llc_std,
+        r_hat=est.r_hat,
+        llc_drift=est.llc_drift,
+        num_diverged=excluded,
+        exceeds_bound=exceeds,
+        stable=excluded == 0 and finite and not exceeds,
+    )
+
+
+def _apply_growth_rule(
+    rows: list[CalibrationRow], gammas: list[float], max_growth: float
+) -> list[CalibrationRow]:
+    """Rules 3 and 4, per γ in increasing ε: the first unstable ε ends the usable range."""
+    out = list(rows)
+    for gamma in gammas:
+        prev, broken = None, False
+        for i, r in enumerate(out):
+            if r.localization != gamma:
+                continue
+            growth = math.nan
+            if prev is not None and prev.llc_mean > 0 and math.isfinite(r.llc_mean):
+                growth = (r.llc_mean / prev.llc_mean) / (r.step_size / prev.step_size)
+            superlinear = bool(math.isfinite(growth) and growth > max_growth)
+            broken = broken or not r.stable or superlinear
+            out[i] = replace(r, growth=growth, superlinear=superlinear, stable=not broken)
+            prev = out[i]
+    return out

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from ..checks import check_float
+
 __all__ = ["diverged_rows", "divergence_threshold", "geweke_z", "split_r_hat"]
 
 
@@ -33,8 +35,8 @@ def divergence_threshold(
     runaway_factor: float = 100.0,
 ) -> float:
     """The loss above which a chain counts as run away (see the module docstring)."""
-    if runaway_factor <= 0:
-        raise ValueError(f"runaway_factor must be > 0, got {runaway_factor}")
+    check_float("runaway_factor", runaway_factor, low=0.0, low_open=True)
+    check_float("minibatch_loss_std", minibatch_loss_std)
     return float(
         init_loss + runaway_factor * (dim / 2 + 10) / nbeta + 10.0 * max(minibatch_loss_std, 0.0)
     )
@@ -107,6 +109,8 @@ def geweke_z(traces: np.ndarray, first: float = 0.1, last: float = 0.5) -> float
     x = np.asarray(traces, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"traces must be 2-D (chains x draws), got shape {x.shape}")
+    check_float("first", first)
+    check_float("last", last)
     if not (0 < first < 1 and 0 < last < 1 and first + last <= 1):
         raise ValueError(
             f"first and last must be fractions in (0, 1) with sum <= 1, got {first}, {last}"

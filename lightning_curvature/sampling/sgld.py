@@ -75,7 +75,7 @@ def minibatch_indices(
     return torch.cat(perms)[:total].reshape(num_steps, batch_size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChainTraces:
     """Raw output of :func:`run_sgld_chains`.
 
@@ -90,12 +90,17 @@ class ChainTraces:
         Whether the chains were advanced together with ``vmap``.
     num_grad_evals : int
         Minibatch gradient evaluations (chains × steps).
+    nan_gradient_step : Tensor
+        ``(chains,)`` int64 on the CPU: the first step at which a chain's gradient had a
+        non-finite entry while its loss was finite (``-1``: never). Such a chain carries NaN
+        parameters afterwards, so its later losses are NaN too; this records the real cause.
     """
 
     losses: Tensor
     chain_ids: list[int]
     vectorized: bool
     num_grad_evals: int
+    nan_gradient_step: Tensor
 
 
 #: Gaussian noise is drawn in blocks of about this many numbers per chain, so that many small
@@ -125,6 +130,24 @@ class _NoiseStream:
         out = self.block[:, self.pos]
         self.pos += 1
         return out
+
+
+class _NanGradientSteps:
+    """First step with a non-finite gradient at a finite loss, per chain, kept on the device.
+
+    The check is one ``isfinite`` pass over the gradients per step and never synchronizes with
+    the device (the result is read once, at the end).
+    """
+
+    def __init__(self, num_chains: int, device: torch.device) -> None:
+        self.first = torch.full((num_chains,), -1, dtype=torch.int64, device=device)
+
+    def record(self, t: int, grads: Tensor, losses: Tensor) -> None:
+        bad = torch.isfinite(losses) & ~torch.isfinite(grads).all(dim=-1)
+        self.first = torch.where(bad & (self.first < 0), t, self.first)
+
+    def steps(self) -> Tensor:
+        return self.first.cpu()
 
 
 def _index(obj: Tensor, idx: Tensor | None) -> Tensor:
@@ -254,18 +277,22 @@ def _run_vectorized(
     theta = center.detach().unsqueeze(0).repeat(num_chains, 1)
     noise = _NoiseStream([g[1] for g in gens], dim, num_steps, theta)
     losses = torch.empty(num_steps, num_chains, dtype=theta.dtype, device=theta.device)
+    first_bad = _NanGradientSteps(num_chains, theta.device)
     for t in range(num_steps):
         step_idx = None if idx is None else idx[t]
         grads, loss = step_fn(
             layout.unflatten(theta), _index(inputs, step_idx), _index(targets, step_idx)
         )
         losses[t] = loss.detach()
-        _sgld_update(theta, layout.flatten(grads), noise.next(), center, eps, gamma, nbeta)
+        flat = layout.flatten(grads)
+        first_bad.record(t, flat, losses[t])
+        _sgld_update(theta, flat, noise.next(), center, eps, gamma, nbeta)
     return ChainTraces(
         losses.T.to(device="cpu", dtype=torch.float64).contiguous(),
         ids,
         True,
         num_chains * num_steps,
+        first_bad.steps(),
     )
 
 
@@ -274,7 +301,7 @@ def _run_sequential(
 ) -> ChainTraces:
     layout = floss.layout
     step_fn = grad_and_value(_loss_of_params(floss, center))
-    rows = []
+    rows, bad_steps = [], []
     for c in ids:
         data_gen, noise_gen = chain_generators(seed, c, center.device)
         idx = None
@@ -285,15 +312,20 @@ def _run_sequential(
         theta = center.detach().clone()
         noise = _NoiseStream([noise_gen], layout.dim, num_steps, theta)
         losses = torch.empty(num_steps, dtype=theta.dtype, device=theta.device)
+        first_bad = _NanGradientSteps(1, theta.device)
         for t in range(num_steps):
             step_idx = None if idx is None else idx[t]
             grads, loss = step_fn(
                 layout.unflatten(theta), _index(inputs, step_idx), _index(targets, step_idx)
             )
             losses[t] = loss.detach()
-            _sgld_update(theta, layout.flatten(grads), noise.next()[0], center, eps, gamma, nbeta)
+            flat = layout.flatten(grads)
+            first_bad.record(t, flat.unsqueeze(0), losses[t : t + 1])
+            _sgld_update(theta, flat, noise.next()[0], center, eps, gamma, nbeta)
         rows.append(losses)
+        bad_steps.append(first_bad.steps())
     traces = (torch.stack(rows) if rows else torch.empty(0, num_steps, dtype=center.dtype)).to(
         device="cpu", dtype=torch.float64
     )
-    return ChainTraces(traces, ids, False, len(ids) * num_steps)
+    steps = torch.cat(bad_steps) if bad_steps else torch.empty(0, dtype=torch.int64)
+    return ChainTraces(traces, ids, False, len(ids) * num_steps, steps)

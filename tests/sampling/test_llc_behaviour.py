@@ -13,7 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_curvature.sampling import (
+    LLCCost,
     LLCEstimate,
+    LLCTraces,
+    SGLDSettings,
     calibrate_sgld,
     divergence_threshold,
     estimate_llc,
@@ -198,30 +201,35 @@ def test_huge_step_size_is_flagged_with_a_warning_not_nan():
     assert any("every SGLD chain diverged" in m for m in est.warnings)
 
 
+def _from_traces(traces, threshold, *, init_loss=1.0, nbeta=100.0, nan_steps=None, warn=True):
+    settings = SGLDSettings(
+        step_size=1e-3, localization=1.0, nbeta=nbeta, n=1000, batch_size=None, dim=10, seed=0,
+        divergence_threshold=threshold,
+    )  # fmt: skip
+    ids = list(range(traces.shape[0]))
+    return LLCEstimate.from_traces(
+        LLCTraces.of(traces, np.ones((len(ids), 0)), ids, nan_steps),
+        settings,
+        init_loss=init_loss,
+        cost=LLCCost(num_grad_evals=traces.size, seconds=0.0, vectorized=True),
+        warn=warn,
+    )
+
+
 def test_one_runaway_chain_is_excluded_from_the_statistics():
     rng = np.random.default_rng(0)
     traces = 1.0 + 0.01 * rng.standard_normal((4, 100))
     traces[2, 60:] = np.inf
     threshold = divergence_threshold(1.0, dim=10, nbeta=100.0)
     with pytest.warns(RuntimeWarning, match=r"chains \[2\] diverged"):
-        est = LLCEstimate.from_traces(
-            loss_trace=traces, burnin_trace=np.ones((4, 0)), chain_indices=[0, 1, 2, 3],
-            init_loss=1.0, nbeta=100.0, n=1000, threshold=threshold, num_grad_evals=400,
-            seconds=0.0, step_size=1e-3, localization=1.0, batch_size=None, dim=10,
-            vectorized=True, seed=0,
-        )  # fmt: skip
+        est = _from_traces(traces, threshold)
     assert est.diverged_chains == [2]
     healthy = 100.0 * (traces[[0, 1, 3]].mean(axis=1) - 1.0)
     assert est.llc_mean == pytest.approx(healthy.mean())
     assert est.llc_std == pytest.approx(healthy.std(ddof=1))
     # A finite loss far above the threshold counts as runaway too.
     traces[2, 60:] = threshold * 2
-    est2 = LLCEstimate.from_traces(
-        loss_trace=traces, burnin_trace=np.ones((4, 0)), chain_indices=[0, 1, 2, 3],
-        init_loss=1.0, nbeta=100.0, n=1000, threshold=threshold, num_grad_evals=400,
-        seconds=0.0, step_size=1e-3, localization=1.0, batch_size=None, dim=10,
-        vectorized=True, seed=0, warn=False,
-    )  # fmt: skip
+    est2 = _from_traces(traces, threshold, warn=False)
     assert est2.diverged_chains == [2]
 
 
@@ -261,7 +269,7 @@ def test_sampling_a_parameter_subset_leaves_the_rest_at_w_star():
         ({"num_burnin": -1}, "num_burnin"),
         ({"batch_size": 0}, "batch_size"),
         ({"nbeta": -2.0}, "nbeta"),
-        ({"n": 1}, "n must"),
+        ({"n": 1}, "`n` must"),
         ({"chain_indices": [0, 7]}, "chain_indices"),
         ({"chain_indices": [1, 1]}, "chain_indices"),
     ],
