@@ -36,10 +36,15 @@ Monte Carlo error. A significantly negative λ̂ means the chains found lower lo
    by more than its standard error (chains still sliding downhill: their late loss lies below
    L_n(w*) even when the early climb of the noise keeps the overall mean above it).
 
+3. some chain's loss (burn-in included, excluded chains too) fell below L_n(w*) by more than
+   the runaway margin ``divergence_threshold − L_n(w*)``: the mirror image of the runaway rule,
+   a chain sliding down an unbounded descent direction (a saddle whose negative curvature beats
+   the localization), whose trace may end non-finite and leave λ̂ undefined.
+
 With one chain the standard errors are 0 and any negative value counts. When λ̂ is undefined
-(every chain excluded) there is no evidence either way and ``at_minimum`` is ``True``; the
-diverged-chain message says why. Lau et al. (2023), arXiv:2308.12108, §3 (λ̂ is defined at a
-local minimum w*).
+(every chain excluded) and rule 3 did not fire, there is no evidence either way and
+``at_minimum`` is ``True``; the diverged-chain message says why. Lau et al. (2023),
+arXiv:2308.12108, §3 (λ̂ is defined at a local minimum w*).
 """
 
 from __future__ import annotations
@@ -213,6 +218,8 @@ class LLCDiagnostics:
         λ̂ of the second half of the draws minus λ̂ of the first half, and its standard error.
     late_llc, late_llc_stderr : float
         λ̂ of the second half of the draws alone, and its standard error (rule 2).
+    lowest_loss : float
+        The lowest finite loss any chain reached (rule 3; ``nan`` if none is finite).
     messages : tuple of str
         Every problem found, in words (also emitted as ``RuntimeWarning`` when asked).
     """
@@ -227,6 +234,7 @@ class LLCDiagnostics:
     llc_drift_stderr: float
     late_llc: float
     late_llc_stderr: float
+    lowest_loss: float
     messages: tuple[str, ...] = ()
 
 
@@ -298,11 +306,20 @@ def _is_converged(excluded: bool, r_hat: float, z: float, drift: float, mean: fl
     )
 
 
-def _is_at_minimum(mean: float, stderr: float, late: float, late_stderr: float) -> bool:
+def _lowest_finite(traces: LLCTraces) -> float:
+    values = np.concatenate([traces.burnin_trace.ravel(), traces.loss_trace.ravel()])
+    finite = values[np.isfinite(values)]
+    return float(finite.min()) if finite.size else math.nan
+
+
+def _is_at_minimum(
+    mean: float, stderr: float, late: float, late_stderr: float, fell_below: bool
+) -> bool:
+    """The three rules of the module docstring (``False``: w* is not a local minimum)."""
     below = math.isfinite(mean) and mean + stderr < 0
     late_se = late_stderr if math.isfinite(late_stderr) else 0.0
     late_below = math.isfinite(late) and late + late_se < 0
-    return not (below or late_below)
+    return not (below or late_below or fell_below)
 
 
 def _nan_gradient_rows(traces: LLCTraces, bad: np.ndarray) -> np.ndarray:
@@ -411,7 +428,10 @@ class LLCEstimate:
             r_hat, z = split_r_hat(good), geweke_z(good)
         excluded = bool(diverged or nan_grad)
         converged = _is_converged(excluded, r_hat, z, drift, mean)
-        at_minimum = _is_at_minimum(mean, stderr, late, late_se)
+        lowest = _lowest_finite(traces)
+        # Rule 3: the runaway margin mirrored below L_n(w*).
+        fell_below = math.isfinite(lowest) and lowest < init_loss - (thr - init_loss)
+        at_minimum = _is_at_minimum(mean, stderr, late, late_se, fell_below)
         if good.shape[0] > 0 and not converged and not excluded:
             messages.append(
                 f"SGLD loss traces have not converged (split R-hat {r_hat:.3f}, limit "
@@ -421,11 +441,11 @@ class LLCEstimate:
             )
         if not at_minimum:
             messages.append(
-                f"w* is not a local minimum (at_minimum=False): λ̂ = {mean:.4g} ± {stderr:.2g} "
-                f"(second half of the draws {late:.4g} ± {late_se:.2g}) is below zero, i.e. the "
-                f"SGLD chains found loss below L_n(w*) = {init_loss:.6g} next to w*; λ̂ is not a "
-                "learning coefficient there. Measure at a (better) trained point, or read λ̂ "
-                "as a descent signal."
+                f"w* is not a local minimum (at_minimum=False): the SGLD chains found loss below "
+                f"L_n(w*) = {init_loss:.6g} next to w* (λ̂ = {mean:.4g} ± {stderr:.2g}, second "
+                f"half of the draws {late:.4g} ± {late_se:.2g}, lowest loss {lowest:.6g}); λ̂ "
+                "is not a learning coefficient there. Measure at a (better) trained point, or "
+                "read λ̂ as a descent signal."
             )
         wbic = None
         if math.isclose(nbeta, default_nbeta(settings.n), rel_tol=1e-9) and math.isfinite(mean):
@@ -444,6 +464,7 @@ class LLCEstimate:
             llc_drift_stderr=drift_se,
             late_llc=late,
             late_llc_stderr=late_se,
+            lowest_loss=lowest,
             messages=tuple(messages),
         )
         return cls(
