@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_curvature.checks import check_int
+from lightning_curvature.curvature.functional import LossFn
+from lightning_curvature.curvature.model_operator import ReduceFn
+
 from .directions import HessianDirections
-from .evaluation import evaluate_points
+from .evaluation import evaluate_with_center
 
 __all__ = ["LossSurface", "loss_surface"]
 
@@ -126,20 +130,21 @@ def _centred_coords(extent: float, steps: int) -> np.ndarray:
 
 def loss_surface(
     model: nn.Module,
-    loss_fn: Callable[[object, object], Tensor],
+    loss_fn: LossFn,
     data: object,
     directions: Sequence[Tensor] | HessianDirections,
     *,
     extent: float | Sequence[float] = 1.0,
     steps: int = 21,
     eval_mode: bool | None = True,
-    reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    reduce_fn: ReduceFn | None = None,
     params: object = None,
     labels: Sequence[str] | None = None,
     eigenvalues: Sequence[float] | None = None,
     chunk_size: int | None = None,
     memory_budget: int = 1 << 30,
     vectorize: bool | None = None,
+    linear_stem: bool | None = None,
 ) -> LossSurface:
     r"""The loss on a centred grid :math:`L(w^* + a\,d_1 + b\,d_2)`, :math:`a, b \in [-e, e]`.
 
@@ -147,7 +152,9 @@ def loss_surface(
     sample-weighted mean over ``data`` (independent of the batch split), evaluated with
     ``torch.func.functional_call`` under ``torch.no_grad``: the module's parameters, buffers,
     ``.grad`` and mode are never changed. Grid points are evaluated in chunks (vmap over stacked
-    parameters where that is faster, see :mod:`lightning_curvature.landscape.evaluation`).
+    parameters on accelerators, a loop on the CPU) and, where the model allows it, with its
+    Linear/conv first layer computed once per direction instead of once per point (see
+    :mod:`lightning_curvature.landscape.evaluation` and :mod:`~lightning_curvature.landscape.stem`).
 
     Parameters
     ----------
@@ -173,9 +180,11 @@ def loss_surface(
         Parameter subset the directions live in (as ``ParameterLayout.from_module``).
     labels, eigenvalues : optional
         Axis names and, for eigenvector directions, their eigenvalues (figure titles, slices).
-    chunk_size, memory_budget, vectorize :
-        Batching of grid points: points per vmap call (default: as many as fit in
-        ``memory_budget`` bytes), and vmap on/off (``None`` = time both, keep the faster).
+    chunk_size, memory_budget, vectorize, linear_stem :
+        As in :func:`~lightning_curvature.landscape.evaluate_points`: points per vmap call
+        (default: as many as fit in ``memory_budget`` bytes); vmap on/off (``None``: vmap on
+        accelerators, the loop on the CPU, a fixed rule); the first-layer rewrite on/off
+        (``None``: wherever the model allows it).
 
     Returns
     -------
@@ -196,8 +205,7 @@ def loss_surface(
         dirs = list(directions)
     if len(dirs) not in (1, 2):
         raise ValueError(f"directions: give 1 or 2 direction vectors, got {len(dirs)}")
-    if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    check_int("steps", steps, minimum=2)
     extents = [float(extent)] * len(dirs) if np.isscalar(extent) else [float(e) for e in extent]
     if len(extents) != len(dirs) or any(not (e > 0 and np.isfinite(e)) for e in extents):
         raise ValueError(
@@ -215,25 +223,24 @@ def loss_surface(
     mesh = np.meshgrid(*coords, indexing="ij")
     coefficients = np.stack([m.reshape(-1) for m in mesh], axis=1)
     on_grid = steps % 2 == 1
-    if not on_grid:
-        coefficients = np.concatenate([coefficients, np.zeros((1, len(dirs)))])
     basis = torch.stack([d.detach().reshape(-1) for d in dirs])
-    result = evaluate_points(
+    result, center = evaluate_with_center(
         model,
         loss_fn,
         data,
         basis,
         torch.from_numpy(coefficients),
+        # Odd steps put w* on the grid (exact zero coordinates): its own row is the centre.
+        center_index=(steps ** len(dirs)) // 2 if on_grid else None,
         params=params,
         eval_mode=eval_mode,
         reduce_fn=reduce_fn,
         chunk_size=chunk_size,
         memory_budget=memory_budget,
         vectorize=vectorize,
+        linear_stem=linear_stem,
     )
-    values = result.losses.numpy()
-    grid_values = values[: steps ** len(dirs)].reshape((steps,) * len(dirs))
-    center = grid_values[(steps // 2,) * len(dirs)] if on_grid else values[-1]
+    grid_values = result.losses.numpy().reshape((steps,) * len(dirs))
     return LossSurface(
         coords=coords,
         losses=grid_values,

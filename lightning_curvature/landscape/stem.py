@@ -1,0 +1,139 @@
+"""The first layer of a grid evaluated once per direction instead of once per point.
+
+On an affine subspace w = w* + Σ_k c_k b_k the first layer of a network, a Linear or
+convolution ``s(x; W, β) = x ∗ W + β`` fed by the data alone, is *linear in its parameters*:
+
+    s(x; W* + Σ_k c_k B_k, β* + Σ_k c_k β_k) = s(x; W*, β*) + Σ_k c_k · s(x; B_k, β_k).
+
+So the K + 1 outputs ``Z_0 = s(x; W*, β*)`` and ``Z_k = s(x; B_k, β_k)`` are computed once per
+batch, and at every grid point the first layer costs one K+1-term combination of them (a
+memory-bound ``(1, K+1) @ (K+1, N·F)`` product) instead of a GEMM over the input features; only
+the rest of the network (the *tail*) runs per point. For the MLP 784-128-10 on 2,048 samples the
+first layer is 98% of the forward FLOPs, so a 21×21 grid costs well under one forward pass per
+point. The result is the same function evaluated in a different order: it agrees with the direct
+forward pass to float rounding (exactly at w*, where the combination is 1·Z_0 + 0·Z_k).
+
+Where it applies (:func:`find_linear_stem`): an ``nn.Sequential`` (exact type, so ``forward``
+is the plain chain) with no hooks, whose first parametrized child is an ``nn.Linear`` or
+``nn.Conv1d/2d/3d`` (exact types) reached through parameter-free ``Flatten``/``Unflatten``/
+``Identity`` children, whose parameters are tied to no other module, and batches whose inputs
+are tensors. Anything else is evaluated by the generic path of
+:mod:`~lightning_curvature.landscape.evaluation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_curvature.curvature.functional import FunctionalLoss
+
+__all__ = ["LinearStem", "find_linear_stem"]
+
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_STEM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    hook_dicts = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+    )
+    return any(len(getattr(m, d, {})) for m in module.modules() for d in hook_dicts)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as mod
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    return any(len(getattr(mod, n, {})) for n in names)
+
+
+def _is_tied(model: nn.Module, layer: nn.Module) -> bool:
+    own = {id(p) for p in layer.parameters()}
+    seen = [id(p) for _, p in model.named_parameters(remove_duplicate=False) if id(p) in own]
+    return len(seen) != len(own)
+
+
+@dataclass(frozen=True)
+class LinearStem:
+    """Where the linear first layer sits in an ``nn.Sequential`` (see the module docstring).
+
+    Attributes
+    ----------
+    index : int
+        Position of the first layer among the Sequential's children.
+    """
+
+    index: int
+
+    def prefix(self, model: nn.Sequential, inputs: Tensor) -> Tensor:
+        """The parameter-free reshapes before the first layer, applied to the data."""
+        for child in list(model.children())[: self.index]:
+            inputs = child(inputs)
+        return inputs
+
+    def outputs(
+        self,
+        model: nn.Sequential,
+        functional: FunctionalLoss,
+        center: Tensor,
+        basis: Tensor,
+        inputs: Tensor,
+    ) -> Tensor:
+        """``(K + 1, *out)``: Z_0 at w* and Z_k = s(x; b_k) for every basis row."""
+        layer = model[self.index]
+        x = self.prefix(model, inputs)
+        prefix = f"{self.index}."
+        names = [n for n, _ in layer.named_parameters()]
+        at_center = {**functional.fixed_tensors(), **functional.layout.unflatten(center)}
+        rows = [functional_call(layer, {n: at_center[prefix + n] for n in names}, (x,))]
+        for b in basis:
+            direction = functional.layout.unflatten(b)
+            # Parameters outside the layout do not move: their direction component is zero.
+            params = {
+                n: direction[prefix + n]
+                if prefix + n in direction
+                else torch.zeros_like(at_center[prefix + n])
+                for n in names
+            }
+            rows.append(functional_call(layer, params, (x,)))
+        return torch.stack(rows)
+
+    def tail_outputs(
+        self, model: nn.Sequential, tensors: dict[str, Tensor], hidden: Tensor
+    ) -> Tensor:
+        """The children after the first layer, at the parameters/buffers in ``tensors``."""
+        for j, child in enumerate(model.children()):
+            if j <= self.index:
+                continue
+            prefix = f"{j}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            hidden = functional_call(child, own, (hidden,)) if own else child(hidden)
+        return hidden
+
+
+def find_linear_stem(model: nn.Module, batches: Sequence[object]) -> LinearStem | None:
+    """The :class:`LinearStem` of ``model``, or ``None`` where the rewrite does not apply."""
+    if type(model) is not nn.Sequential or _has_hooks(model) or _global_hooks():
+        return None
+    if not all(isinstance(b[0], Tensor) for b in batches):  # type: ignore[index]
+        return None
+    for i, child in enumerate(model.children()):
+        if type(child) in _RESHAPES:
+            continue
+        if type(child) not in _STEM_LAYERS or any(True for _ in child.buffers()):
+            return None
+        if _is_tied(model, child):
+            return None
+        # Any padding mode is fine (it acts on the input); a first layer outside ``layout``
+        # simply has zero direction outputs.
+        return LinearStem(i)
+    return None
