@@ -36,7 +36,7 @@ from lightning_curvature.curvature.functional import FunctionalLoss, LossFn, mod
 from lightning_curvature.curvature.model_operator import ReduceFn
 from lightning_curvature.curvature.params import ParameterLayout
 
-from .stem import LinearStem, find_linear_stem
+from .stem import MIN_FAN_IN_PER_TERM, LinearStem, find_linear_stem
 
 __all__ = ["PointEvaluation", "evaluate_points", "evaluate_with_center"]
 
@@ -260,7 +260,8 @@ def evaluate_points(
         accelerators, the loop on CPU (a model vmap cannot handle falls back to the loop).
     linear_stem : bool, optional
         Evaluate a Linear/conv first layer once per direction (module docstring). ``None``
-        (default): wherever the model allows it and the outputs fit in ``memory_budget``;
+        (default): wherever the model allows it, the layer's fan-in is at least
+        ``MIN_FAN_IN_PER_TERM·(K + 1)`` and the outputs fit in ``memory_budget``;
         ``False``: never; ``True``: required (``ValueError`` if the model does not allow it).
     """
     start = time.perf_counter()
@@ -344,11 +345,12 @@ def _choose_stem(
                 "layer is a Linear/Conv fed by tensor inputs (see landscape.stem)"
             )
         return None
-    if (
-        linear_stem is None
-        and _stem_bytes(functional, center, batches, basis.shape[0]) > memory_budget
-    ):
-        return None
+    if linear_stem is None:
+        terms = basis.shape[0] + 1
+        if stem.fan_in(model) < MIN_FAN_IN_PER_TERM * terms:  # type: ignore[arg-type]
+            return None  # the combination would cost more than the layer (landscape.stem)
+        if _stem_bytes(functional, center, batches, basis.shape[0]) > memory_budget:
+            return None
     return stem
 
 

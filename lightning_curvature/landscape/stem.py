@@ -13,6 +13,14 @@ first layer is 98% of the forward FLOPs, so a 21×21 grid costs well under one f
 point. The result is the same function evaluated in a different order: it agrees with the direct
 forward pass to float rounding (exactly at w*, where the combination is 1·Z_0 + 0·Z_k).
 
+When it pays: per output element the layer costs ``fan_in`` multiply-adds (in_features, or
+C_in/groups·∏kernel) and the combination K + 1, but the combination is memory-bound (it streams
+K + 1 stored outputs) while the layer is a compute-bound GEMM. ``evaluate_points`` therefore uses
+the rewrite by default only when ``fan_in >= MIN_FAN_IN_PER_TERM · (K + 1)``: the MLP's first
+Linear (fan-in 784, K = 2) qualifies; LeNet-5's first convolution (fan-in 1·5·5 = 25) does not,
+and was measured about 10% *slower* with it (its output, 6×28×28 per sample, is large next to
+its work).
+
 Where it applies (:func:`find_linear_stem`): an ``nn.Sequential`` (exact type, so ``forward``
 is the plain chain) with no hooks, whose first parametrized child is an ``nn.Linear`` or
 ``nn.Conv1d/2d/3d`` (exact types) reached through parameter-free ``Flatten``/``Unflatten``/
@@ -23,6 +31,7 @@ are tensors. Anything else is evaluated by the generic path of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +41,12 @@ from torch.func import functional_call
 
 from lightning_curvature.curvature.functional import FunctionalLoss
 
-__all__ = ["LinearStem", "find_linear_stem"]
+__all__ = ["MIN_FAN_IN_PER_TERM", "LinearStem", "find_linear_stem"]
+
+#: Default rule: the rewrite is used when the first layer's fan-in is at least this many times
+#: the number of combined outputs K + 1 (a GEMM's multiply-add is ~this much cheaper than a
+#: streamed float in the combination; see the module docstring for the two measured cases).
+MIN_FAN_IN_PER_TERM = 32
 
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 _STEM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -73,6 +87,13 @@ class LinearStem:
     """
 
     index: int
+
+    def fan_in(self, model: nn.Sequential) -> int:
+        """Multiply-adds per output element of the first layer (in_features, or C_in/g·∏k)."""
+        layer = model[self.index]
+        if isinstance(layer, nn.Linear):
+            return int(layer.in_features)
+        return int(layer.in_channels // layer.groups * math.prod(layer.kernel_size))
 
     def prefix(self, model: nn.Sequential, inputs: Tensor) -> Tensor:
         """The parameter-free reshapes before the first layer, applied to the data."""

@@ -69,8 +69,9 @@ def test_stem_matches_the_direct_forward_on_every_point(build, vectorize):
     coef = torch.randn(7, 3, generator=g, dtype=torch.float64)
     batches = [(x[:10], y[:10]), (x[10:], y[10:])]
     r = evaluate_points(
-        model, nn.CrossEntropyLoss(), batches, basis, coef, vectorize=vectorize, chunk_size=3
-    )
+        model, nn.CrossEntropyLoss(), batches, basis, coef, vectorize=vectorize, chunk_size=3,
+        linear_stem=True,
+    )  # fmt: skip
     assert r.linear_stem and r.vectorized == vectorize
     off = evaluate_points(
         model, nn.CrossEntropyLoss(), batches, basis, coef, vectorize=vectorize, linear_stem=False
@@ -92,7 +93,9 @@ def test_stem_with_a_parameter_subset(names):
     g = torch.Generator().manual_seed(2)
     basis = torch.randn(2, theta.numel(), generator=g, dtype=torch.float64)
     coef = torch.randn(5, 2, generator=g, dtype=torch.float64)
-    r = evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef, params=names)
+    r = evaluate_points(
+        model, nn.CrossEntropyLoss(), (x, y), basis, coef, params=names, linear_stem=True
+    )
     assert r.linear_stem
     for p in range(5):
         expected = _direct(model, x, y, theta + coef[p] @ basis, names)
@@ -117,7 +120,9 @@ def test_first_layer_runs_once_per_direction_not_once_per_point():
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
     counter = _CountLinearOnData(x.shape[0], 12)
     with counter:
-        s = loss_surface(model, nn.CrossEntropyLoss(), (x, y), dirs, steps=9, chunk_size=1000)
+        s = loss_surface(
+            model, nn.CrossEntropyLoss(), (x, y), dirs, steps=9, chunk_size=1000, linear_stem=True
+        )
     # Probe forwards for the memory bound (2) + Z_0, Z_1, Z_2 (3); not 81.
     assert s.losses.shape == (9, 9) and counter.calls <= 6
     counter_off = _CountLinearOnData(x.shape[0], 12)
@@ -129,16 +134,38 @@ def test_first_layer_runs_once_per_direction_not_once_per_point():
     assert counter_off.calls >= 81
 
 
+def test_default_uses_the_rewrite_only_where_the_first_layer_is_wide():
+    # fan-in 100 >= 32·(K + 1) = 96 for two directions; 12 < 96.
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 3, (20,), generator=g)
+    for fan_in, expected in ((100, True), (12, False)):
+        model = nn.Sequential(nn.Linear(fan_in, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+        x = torch.randn(20, fan_in, generator=g, dtype=torch.float64)
+        dirs = random_directions(model, 2, generator=g)
+        s = loss_surface(model, nn.CrossEntropyLoss(), (x, y), dirs, steps=3)
+        r = evaluate_points(
+            model, nn.CrossEntropyLoss(), (x, y), torch.stack(dirs), torch.zeros(1, 2)
+        )
+        assert r.linear_stem is expected
+        theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        assert s.losses[0, 2] == pytest.approx(
+            _direct(model, x, y, theta - dirs[0] + dirs[1]), rel=1e-12
+        )
+
+
 def test_models_the_rewrite_does_not_cover_fall_back_or_refuse():
     model, x, y = _setup(_mlp)
     dim = sum(p.numel() for p in model.parameters())
     basis = torch.randn(1, dim, dtype=torch.float64)
     coef = torch.randn(3, 1, dtype=torch.float64)
+    assert evaluate_points(
+        model, nn.CrossEntropyLoss(), (x, y), basis, coef, linear_stem=True
+    ).linear_stem
     seen = []
     handle = model[1].register_forward_hook(lambda m, i, o: seen.append(1))
     try:
         r = evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef)
-        assert not r.linear_stem  # a hook must see every forward: no rewrite
+        assert not r.linear_stem and len(seen) > 3  # a hook sees every forward: no rewrite
         with pytest.raises(ValueError, match="linear_stem"):
             evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef, linear_stem=True)
     finally:
@@ -151,7 +178,14 @@ def test_models_the_rewrite_does_not_cover_fall_back_or_refuse():
     )
     assert not r.linear_stem
     # The K + 1 first-layer outputs must fit the memory budget, else the generic path.
-    small = evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef, memory_budget=64)
-    assert not small.linear_stem
+    wide = nn.Sequential(nn.Linear(100, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    xw = torch.randn(x.shape[0], 100, dtype=torch.float64)
+    wide_basis = torch.randn(1, sum(p.numel() for p in wide.parameters()), dtype=torch.float64)
+    fits = evaluate_points(wide, nn.CrossEntropyLoss(), (xw, y), wide_basis, coef)
+    small = evaluate_points(
+        wide, nn.CrossEntropyLoss(), (xw, y), wide_basis, coef, memory_budget=64
+    )
+    assert fits.linear_stem and not small.linear_stem
+    torch.testing.assert_close(fits.losses, small.losses, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="linear_stem"):
         evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef, linear_stem="yes")
