@@ -229,8 +229,8 @@ def bench_model(name: str, args: argparse.Namespace, x, y) -> dict:
             lanczos_matvecs=hd.num_matvecs,
             lanczos_converged=hd.converged,
             lanczos_residuals=(
-                float(getattr(hd.eigenpairs, "residual_max", float("nan"))),
-                float(getattr(hd.eigenpairs, "residual_min", float("nan"))),
+                float(hd.eigenpairs.residual_max),
+                float(hd.eigenpairs.residual_min),
             ),
             hessian_grid_min=hs.grid_minimum(),
         )

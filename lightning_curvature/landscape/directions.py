@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_curvature.curvature.eigen import extreme_eigenpairs
 from lightning_curvature.curvature.params import ParameterLayout
 from lightning_curvature.curvature.probes import as_generator
+from lightning_curvature.curvature.results import ExtremeEigenpairs
 
 __all__ = ["HessianDirections", "hessian_directions", "random_directions"]
 
@@ -167,7 +168,7 @@ def _gram_schmidt(vectors: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class HessianDirections:
     """Unit eigenvectors of the extreme Hessian eigenvalues.
 
@@ -178,15 +179,16 @@ class HessianDirections:
         negative, or smallest) eigenvalue.
     lambda_max, lambda_min : float
         The eigenvalues.
-    eigenpairs : object
-        The engine's ``ExtremeEigenpairs`` result (residuals, convergence flag, cost).
+    eigenpairs : ExtremeEigenpairs or None
+        The engine's result (residuals, convergence flag, cost); ``None`` for directions built
+        by hand (then ``converged`` is ``True`` and the cost is zero: nothing was solved).
     """
 
     v_max: Tensor
     v_min: Tensor
     lambda_max: float
     lambda_min: float
-    eigenpairs: Any
+    eigenpairs: ExtremeEigenpairs | None
 
     @property
     def directions(self) -> list[Tensor]:
@@ -201,17 +203,17 @@ class HessianDirections:
     @property
     def converged(self) -> bool:
         """Whether the engine reports both eigenpairs converged."""
-        return bool(getattr(self.eigenpairs, "converged", True))
+        return True if self.eigenpairs is None else bool(self.eigenpairs.converged)
 
     @property
     def num_matvecs(self) -> int:
         """Hessian-vector products spent."""
-        return int(getattr(self.eigenpairs, "num_matvecs", 0))
+        return 0 if self.eigenpairs is None else int(self.eigenpairs.num_matvecs)
 
     @property
     def seconds(self) -> float:
         """Wall time of the eigensolver."""
-        return float(getattr(self.eigenpairs, "seconds", 0.0))
+        return 0.0 if self.eigenpairs is None else float(self.eigenpairs.seconds)
 
 
 def hessian_directions(
