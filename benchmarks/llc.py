@@ -159,6 +159,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--long-burnin", type=int, default=1000)
     parser.add_argument("--long-draws", type=int, default=1000)
+    parser.add_argument(
+        "--samples", type=int, default=None, help="use only the first N training images (smoke)"
+    )
+    parser.add_argument("--draws", type=int, default=200, help="draws per chain of the timed runs")
     parser.add_argument("--out", type=Path, default=None, help="folder for the figure")
     parser.add_argument("--skip-devinterp", action="store_true")
     args = parser.parse_args()
@@ -166,6 +170,8 @@ def main() -> None:
 
     root = Path(os.environ.get("LIGHTNING_CURVATURE_DATA", "/work/shared/data"))
     x_u8, y = load_fashion_mnist_train(root)
+    if args.samples is not None:
+        x_u8, y = x_u8[: args.samples], y[: args.samples]
     x = x_u8.float() / 255.0
     n = x.shape[0]
     torch.manual_seed(0)  # the benchmark script may seed; the library never does
@@ -175,7 +181,7 @@ def main() -> None:
     print(f"trained MLP 784-128-10 for {args.epochs} epochs in {time.perf_counter() - t0:.1f} s, "
           f"train loss {train_loss:.4f}")  # fmt: skip
 
-    eps, gamma, batch, chains, draws = args.step_size, args.localization, 128, 4, 200
+    eps, gamma, batch, chains, draws = args.step_size, args.localization, 128, 4, args.draws
     nbeta = default_nbeta(n)
     ce = nn.CrossEntropyLoss()
     common = dict(
@@ -240,7 +246,7 @@ def main() -> None:
     )
 
     med = statistics.median
-    print("\n== LLC, 4 chains x 200 draws, no burn-in ==")
+    print(f"\n== LLC, {chains} chains x {draws} draws, no burn-in ==")
     for r, est in enumerate(ours):
         print(f"ours  seed {r}: llc {est.llc_mean:8.1f} ± {est.llc_std:6.1f} (std over chains)  "
               f"r_hat {est.r_hat:.3f}  geweke z {est.geweke_z:+.2f}  "
@@ -275,16 +281,23 @@ def main() -> None:
         print(f"devinterp (mean over seeds)         {d_mean:8.1f} ± {d_se:5.1f} (s.e.)")
         print(f"|ours - devinterp| / combined s.e.  {', '.join(f'{z:.2f}' for z in zs)}   "
               f"target <= 2  {'PASS' if max(zs) <= 2 else 'FAIL'}")  # fmt: skip
-    print("\n== 200 draws without burn-in vs converged ==")
+    print(f"\n== {draws} draws without burn-in vs converged ==")
     print(f"converged reference ({args.long_burnin} burn-in + {args.long_draws} draws): "
           f"llc {long.llc_mean:.1f} ± {long.llc_stderr:.1f} (s.e.), r_hat {long.r_hat:.3f}, "
           f"geweke z {long.geweke_z:+.2f}, "
           f"drift {long.llc_drift:+.1f} ± {long.llc_drift_stderr:.1f}, "
           f"converged={long.converged}")  # fmt: skip
-    print(f"200 draws, no burn-in (ours, mean over seeds): {o_mean:.1f} = "
+    print(f"{draws} draws, no burn-in (ours, mean over seeds): {o_mean:.1f} = "
           f"{o_mean / long.llc_mean:.2f} x converged")  # fmt: skip
-    flagged = sum(not e.converged for e in ours)
-    print(f"our diagnostics flag the short runs as not converged: {flagged}/{len(ours)}")
+    flagged, runs = sum(not e.converged for e in ours), len(ours)
+    print(f"our diagnostics flag the short runs as not converged: {flagged}/{runs}   "
+          f"target {runs}/{runs}  {'PASS' if flagged == runs else 'FAIL'}")  # fmt: skip
+    print(f"converged reference reports converged: {long.converged}   target True  "
+          f"{'PASS' if long.converged else 'FAIL'}")  # fmt: skip
+    # A trained point should be a minimum: a negative λ̂ would say the training had not settled.
+    at_min = [e.at_minimum for e in ours] + [long.at_minimum]
+    print(f"at_minimum (short runs, then the long run): {at_min}   target all True  "
+          f"{'PASS' if all(at_min) else 'FAIL'}")  # fmt: skip
     print(f"init loss L_n(w*) = {init_loss:.5f} (full training set)")
 
 
