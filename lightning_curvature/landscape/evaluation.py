@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
@@ -162,6 +163,10 @@ class _StemPoints:
         self.center, self.basis = center[idx], basis[:, idx]
         ones = torch.ones(coefficients.shape[0], 1, dtype=center.dtype, device=center.device)
         self.mix = torch.cat([ones, coefficients], dim=1)  # (P, K + 1): Z_0 + Σ c_k Z_k
+        # The loop combines only the nonzero terms of each point: a point of the projection
+        # trace lies on one of K directions, a grid point on two.
+        mix_cpu = self.mix.detach().cpu().double().numpy()
+        self.terms = [[(int(k), float(row[k])) for k in np.flatnonzero(row)] for row in mix_cpu]
         self.device = center.device
         self.batches = []
         for (inputs, targets), w in weighted:  # type: ignore[misc]
@@ -188,7 +193,7 @@ class _StemPoints:
         out = torch.zeros(hi - lo, dtype=torch.float64, device=self.device)
         for p in range(hi - lo):
             for z, shape, targets, w in self.batches:
-                hidden = (self.mix[lo + p] @ z).reshape(shape)
+                hidden = _combine(z, self.terms[lo + p]).reshape(shape)
                 out[p] += self._loss(thetas[p], hidden, targets).double() * w
         return out
 
@@ -199,6 +204,18 @@ class _StemPoints:
             hidden = (self.mix[lo:hi] @ z).reshape(hi - lo, *shape)
             out += vmap(lambda th, h, y=targets: self._loss(th, h, y))(thetas, hidden).double() * w
         return out
+
+
+def _combine(z: Tensor, terms: list[tuple[int, float]]) -> Tensor:
+    """Σ_k c_k z_k over the nonzero terms (the first is Z_0 with c = 1: exact at w*)."""
+    (k0, c0), rest = terms[0], terms[1:]
+    if not rest:
+        return z[k0] * c0 if c0 != 1.0 else z[k0].clone()
+    (k1, c1), rest = rest[0], rest[1:]
+    out = torch.add(z[k0], z[k1], alpha=c1) if c0 == 1.0 else z[k0] * c0 + z[k1] * c1
+    for k, c in rest:
+        out.add_(z[k], alpha=c)
+    return out
 
 
 def _stem_bytes(functional: FunctionalLoss, center: Tensor, batches: BatchSet, k: int) -> int:
@@ -261,7 +278,8 @@ def evaluate_points(
     linear_stem : bool, optional
         Evaluate a Linear/conv first layer once per direction (module docstring). ``None``
         (default): wherever the model allows it, the layer's fan-in is at least
-        ``MIN_FAN_IN_PER_TERM·(K + 1)`` and the outputs fit in ``memory_budget``;
+        ``MIN_FAN_IN_PER_TERM`` times the terms of the per-point combination (1 + the most
+        nonzero coordinates of a point) and the K + 1 outputs fit in ``memory_budget``;
         ``False``: never; ``True``: required (``ValueError`` if the model does not allow it).
     """
     start = time.perf_counter()
@@ -297,7 +315,9 @@ def evaluate_points(
         if chunk_size is None:
             per_point = _bytes_per_point(functional, center, batches)
             chunk_size = max(1, min(num_points, memory_budget // max(per_point, 1)))
-        stem = _choose_stem(model, functional, center, batches, basis, linear_stem, memory_budget)
+        stem = _choose_stem(
+            model, functional, center, batches, basis, coefficients, linear_stem, memory_budget
+        )
         points: _DirectPoints | _StemPoints
         if stem is None:
             points = _DirectPoints(functional, center, basis, coefficients, weighted)
@@ -332,6 +352,7 @@ def _choose_stem(
     center: Tensor,
     batches: BatchSet,
     basis: Tensor,
+    coefficients: Tensor,
     linear_stem: bool | None,
     memory_budget: int,
 ) -> LinearStem | None:
@@ -346,7 +367,8 @@ def _choose_stem(
             )
         return None
     if linear_stem is None:
-        terms = basis.shape[0] + 1
+        # Terms of the per-point combination: Z_0 plus the nonzero coordinates of a point.
+        terms = 1 + int((coefficients != 0).sum(dim=1).max()) if len(coefficients) else 1
         if stem.fan_in(model) < MIN_FAN_IN_PER_TERM * terms:  # type: ignore[arg-type]
             return None  # the combination would cost more than the layer (landscape.stem)
         if _stem_bytes(functional, center, batches, basis.shape[0]) > memory_budget:

@@ -14,12 +14,13 @@ point. The result is the same function evaluated in a different order: it agrees
 forward pass to float rounding (exactly at w*, where the combination is 1·Z_0 + 0·Z_k).
 
 When it pays: per output element the layer costs ``fan_in`` multiply-adds (in_features, or
-C_in/groups·∏kernel) and the combination K + 1, but the combination is memory-bound (it streams
-K + 1 stored outputs) while the layer is a compute-bound GEMM. ``evaluate_points`` therefore uses
-the rewrite by default only when ``fan_in >= MIN_FAN_IN_PER_TERM · (K + 1)``: the MLP's first
-Linear (fan-in 784, K = 2) qualifies; LeNet-5's first convolution (fan-in 1·5·5 = 25) does not,
-and was measured about 10% *slower* with it (its output, 6×28×28 per sample, is large next to
-its work).
+C_in/groups·∏kernel) and the combination one per term, but the combination is memory-bound (it
+streams the stored outputs) while the layer is a compute-bound GEMM. ``evaluate_points``
+therefore uses the rewrite by default only when ``fan_in >= MIN_FAN_IN_PER_TERM · terms``,
+``terms`` being 1 + the most nonzero coordinates of a point (the loop combines only those: 3 on
+a 2-D grid, 2 on the lines of the projection trace). The MLP's first Linear (fan-in 784)
+qualifies; LeNet-5's first convolution (fan-in 1·5·5 = 25) does not, and was measured about 10%
+*slower* with it (its output, 6×28×28 per sample, is large next to its work).
 
 Where it applies (:func:`find_linear_stem`): an ``nn.Sequential`` (exact type, so ``forward``
 is the plain chain) with no hooks, whose first parametrized child is an ``nn.Linear`` or

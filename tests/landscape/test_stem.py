@@ -153,6 +153,26 @@ def test_default_uses_the_rewrite_only_where_the_first_layer_is_wide():
         )
 
 
+def test_points_on_single_directions_combine_only_their_nonzero_terms():
+    # Five directions, one nonzero coordinate per point (as in the projection trace): two terms
+    # per point, so fan-in 100 >= 32·2 qualifies although 100 < 32·(5 + 1).
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(100, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(30, 100, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    basis = torch.randn(5, theta.numel(), generator=g, dtype=torch.float64)
+    coef = torch.zeros(11, 5, dtype=torch.float64)
+    for j in range(5):
+        coef[2 * j, j], coef[2 * j + 1, j] = 0.3, -0.7
+    r = evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef)
+    assert r.linear_stem
+    for p in range(11):
+        expected = _direct(model, x, y, theta + coef[p] @ basis)
+        assert r.losses[p].item() == pytest.approx(expected, rel=1e-12)
+    assert r.losses[10].item() == _direct(model, x, y, theta)  # w* itself: bitwise
+
+
 def test_models_the_rewrite_does_not_cover_fall_back_or_refuse():
     model, x, y = _setup(_mlp)
     dim = sum(p.numel() for p in model.parameters())
