@@ -185,12 +185,15 @@ def estimate_llc(
     params : sequence of tensors or names, optional
         Sample only these parameters (the others stay at w*). Default: all trainable ones.
     warn : bool
-        Emit ``RuntimeWarning`` s for diverged or unconverged chains (they are always recorded
-        in ``LLCEstimate.warnings``).
+        Emit ``RuntimeWarning`` s for excluded or unconverged chains and for a w* that is not a
+        minimum, one per problem (they are always recorded in ``LLCEstimate.warnings``).
 
     Returns
     -------
     LLCEstimate
+        Read ``converged`` (the chains mixed) and ``at_minimum`` (w* is a local minimum: λ̂ is
+        not significantly negative and no chain slid below L_n(w*); rules in
+        :mod:`~lightning_curvature.sampling.result`) before reading ``llc_mean``.
     """
     start_time = time.perf_counter()
     args = _checked_arguments(locals())
