@@ -93,7 +93,7 @@ class FactorSettings:
 
 
 def default_rank(dim: int, max_rank: int = 80) -> int:
-    """Rank of the low-rank part for an axis of size ``dim`` > 1: ``min((dim + 1)//2, max_rank)``."""
+    """Rank of the low-rank part of an axis of size ``dim`` > 1: ``min((dim + 1)//2, max_rank)``."""
     return max(1, min((dim + 1) // 2, max_rank))
 
 
@@ -184,7 +184,8 @@ def _update(state: dict, x: Tensor, h: Tensor, settings: FactorSettings) -> None
     a = eta / n
     outer_k = (a * a / scale) * torch.outer(inv_sqrt_e, inv_sqrt_e)
     cross = (a * (1.0 - eta) / scale) * torch.outer(inv_sqrt_e, inv_sqrt_e * d_rho)
-    z = k_c * outer_k + ell_c * (cross + cross.T) + torch.diag(((1.0 - eta) ** 2 / scale) * d_rho**2)
+    diag = torch.diag(((1.0 - eta) ** 2 / scale) * d_rho**2)
+    z = k_c * outer_k + ell_c * (cross + cross.T) + diag
     c, u = torch.linalg.eigh(z)
     c, u = c.flip(0), u.flip(1)  # descending
     c = torch.clamp(c, min=(rho * (1.0 - eta)) ** 2 / scale)

@@ -49,8 +49,9 @@ def _check_group(group: dict) -> None:
     group["lr"] = check_float("lr", group["lr"], low=0.0, low_open=True)
     group["alpha"] = check_float("alpha", group["alpha"], low=0.0, low_open=True)
     group["eps"] = check_float("eps", group["eps"], low=0.0, low_open=True)
-    group["eta"] = check_float("eta", group["eta"], low=0.0, high=1.0, low_open=True, high_open=True)
-    group["momentum"] = check_float("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    unit = {"low": 0.0, "high": 1.0, "high_open": True}
+    group["eta"] = check_float("eta", group["eta"], low_open=True, **unit)
+    group["momentum"] = check_float("momentum", group["momentum"], **unit)
     group["weight_decay"] = check_float("weight_decay", group["weight_decay"], low=0.0)
     group["rank"] = check_int("rank", group["rank"], minimum=1)
     group["update_period"] = check_int("update_period", group["update_period"], minimum=1)
