@@ -139,32 +139,43 @@ def precondition_rows(state: dict, x: Tensor, settings: FactorSettings) -> Tenso
     this call's update). If the result is not finite, ``x`` is returned unchanged, the factor
     is reset to its initialization (re-run on the next call) and ``state["restarts"]`` counts it.
     """
+    sq_norm = float(torch.linalg.vector_norm(x)) ** 2
     if state["t"] == 0:
         for _ in range(INITIAL_UPDATES):
-            _apply(state, x, settings, update=True)
-    sq_norm = (x * x).sum()
-    out = _apply(state, x, settings, update=_updates_now(state["t"], settings.update_period))
+            _apply(state, x, sq_norm, settings, update=True)
+    update = _updates_now(state["t"], settings.update_period)
+    out = _apply(state, x, sq_norm, settings, update=update)
     state["t"] += 1
-    out_sq = (out * out).sum()
-    if not bool(torch.isfinite(out_sq)):
+    out_sq = float(torch.linalg.vector_norm(out)) ** 2
+    if not math.isfinite(out_sq):
         rank, dim = state["W"].shape
         state.update(init_factor(dim, rank, settings, x))
         state["restarts"] = state.get("restarts", 0) + 1
         return x
-    return out * torch.sqrt(sq_norm / (out_sq + _TINY))
+    return out.mul_(math.sqrt(sq_norm / (out_sq + _TINY)))
 
 
-def _apply(state: dict, x: Tensor, settings: FactorSettings, *, update: bool) -> Tensor:
+def _apply(
+    state: dict, x: Tensor, tr_x: float, settings: FactorSettings, *, update: bool
+) -> Tensor:
     """``X̂ = x − (x Wᵀ) W``; with ``update``, also replace (W, d, ρ) by the next factor."""
     w = state["W"]
-    h = x @ w.T
-    x_hat = x - h @ w
+    if not x.is_contiguous() and x.T.is_contiguous():
+        # x is the transpose of a contiguous D×N matrix y (axis 0 of a weight): work on y's
+        # columns so that no transposed copy is made; X̂ᵀ = y − Wᵀ(W y), H = (W y)ᵀ.
+        y = x.T
+        g = w @ y
+        h = g.T
+        x_hat = torch.addmm(y, w.T, g, alpha=-1.0).T
+    else:
+        h = x @ w.T
+        x_hat = torch.addmm(x, h, w, alpha=-1.0)
     if update:
-        _update(state, x, h, settings)
+        _update(state, x, h, tr_x, settings)
     return x_hat
 
 
-def _update(state: dict, x: Tensor, h: Tensor, settings: FactorSettings) -> None:
+def _update(state: dict, x: Tensor, h: Tensor, tr_x: float, settings: FactorSettings) -> None:
     w, d, rho = state["W"], state["d"], state["rho"]
     alpha, eta, eps = settings.alpha, settings.eta, settings.eps
     rank, dim = w.shape
@@ -190,7 +201,6 @@ def _update(state: dict, x: Tensor, h: Tensor, settings: FactorSettings) -> None
     c, u = c.flip(0), u.flip(1)  # descending
     c = torch.clamp(c, min=(rho * (1.0 - eta)) ** 2 / scale)
     sqrt_c = torch.sqrt(c) * math.sqrt(scale)
-    tr_x = float((x * x).sum())
     rho_next = (a * tr_x + (1.0 - eta) * (dim * rho + d_sum) - float(sqrt_c.sum())) * (
         1.0 / (dim - rank)
     )

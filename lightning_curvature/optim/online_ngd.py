@@ -80,7 +80,7 @@ def precondition(grad: Tensor, factors: dict[int, dict], settings: FactorSetting
     x = grad
     for axis, state in factors.items():
         moved = x.transpose(-1, axis)  # this axis last, the others become rows
-        rows = moved.contiguous().view(-1, moved.shape[-1])
+        rows = moved.reshape(-1, moved.shape[-1])  # a view for 2-D tensors (no copy)
         x = precondition_rows(state, rows, settings).view(moved.shape).transpose(-1, axis)
     return x
 
