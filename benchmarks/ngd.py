@@ -17,6 +17,12 @@ Run::
 
     PYTHONPATH=. python benchmarks/ngd.py            # full table
     PYTHONPATH=. python benchmarks/ngd.py --quick    # fewer repeats
+    PYTHONPATH=. python benchmarks/ngd.py --online   # online NGD (OnlineNGD) / SGD only
+
+Online NGD (issue 10, target <= 2 on both models): ``OnlineNGD`` (Kaldi's NG-SGD, the paper's
+lr 0.01 and alpha 0.01, Kaldi's rank/update period) against the same SGD, timed the same way (CPU
+and wall medians of interleaved repeats; the factors' update schedule, every 4th step after the
+first ten, is averaged over by timing >= 4 consecutive steps per repeat after a 12-step warm-up).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_curvature.optim import NGD
+from lightning_curvature.optim import NGD, OnlineNGD
 
 BATCH = 128
 
@@ -227,6 +233,54 @@ def peak_memory(model_name: str, config: str, steps: int, threads: int) -> dict[
     return {"peak_mb": rec["peak_kb"] / 1024, "delta_mb": (rec["peak_kb"] - rec["base_kb"]) / 1024}
 
 
+ONLINE_TARGET = 2.0
+
+
+def time_online_ngd(model_name: str, repeats: int, steps: int, batches) -> dict[str, dict]:
+    """Median CPU/wall seconds per step of SGD and OnlineNGD, interleaved (see ``time_steps``)."""
+    steps = max(steps, 4)  # a whole update period per repeat
+    setups = {}
+    for c in ("sgd", "online-ngd"):
+        torch.manual_seed(0)
+        model = MODELS[model_name]()
+        if c == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        else:
+            opt = OnlineNGD(model.parameters(), lr=0.01, alpha=0.01, momentum=0.9)
+        setups[c] = (model, opt)
+    for model, opt in setups.values():  # warm-up past the every-step initial updates
+        for s in range(12):
+            train_step(model, opt, batches[s % len(batches)])
+    cpu: dict[str, list[float]] = {c: [] for c in setups}
+    wall: dict[str, list[float]] = {c: [] for c in setups}
+    for r in range(repeats):
+        for c, (model, opt) in setups.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            for s in range(steps):
+                train_step(model, opt, batches[(r * steps + s) % len(batches)])
+            cpu[c].append((time.process_time() - c0) / steps)
+            wall[c].append((time.perf_counter() - w0) / steps)
+    return {
+        c: {"cpu": statistics.median(cpu[c]), "wall": statistics.median(wall[c])} for c in setups
+    }
+
+
+def report_online_ngd(models: list[str], repeats: int, steps: int, batches) -> None:
+    print(f"{'model':7s} {'optimizer':11s} {'cpu ms':>7s} {'xSGD':>6s} {'target':>7s} "
+          f"{'wall ms':>8s} {'xSGD':>6s}")  # fmt: skip
+    for name in models:
+        times = time_online_ngd(name, repeats, steps, batches)
+        base = times["sgd"]
+        for c, t in times.items():
+            ratio = t["cpu"] / base["cpu"]
+            tgt = "-" if c == "sgd" else f"<= {ONLINE_TARGET:g}"
+            flag = "" if c == "sgd" else ("  ok" if ratio <= ONLINE_TARGET else "  MISS")
+            print(
+                f"{name:7s} {c:11s} {t['cpu'] * 1e3:7.2f} {ratio:6.2f} {tgt:>7s} "
+                f"{t['wall'] * 1e3:8.2f} {t['wall'] / base['wall']:6.2f}{flag}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -234,6 +288,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CONFIG"))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--online", action="store_true", help="only the online NGD / SGD table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -246,6 +301,9 @@ def main() -> None:
         f"torch {torch.__version__}, threads={args.threads}, float32, batch {BATCH}, "
         f"{repeats} repeats x {args.steps} steps (medians)\n"
     )
+    if args.online:
+        report_online_ngd(args.models, repeats, args.steps, batches)
+        return
     targets = {
         ("mlp", "ngd-empirical"): 3.0,
         ("mlp", "ngd-true"): 10.0,

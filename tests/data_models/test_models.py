@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -62,6 +62,10 @@ def test_mlp_activation_and_depth():
      (lambda: ImageClassifier(MLP(), eps=0.0), "eps"),
      (lambda: ImageClassifier(MLP(), fisher_type="mc?"), "fisher_type"),
      (lambda: ImageClassifier(MLP(), weight_decay=-1.0), "weight_decay"),
+     (lambda: ImageClassifier(MLP(), optimizer="online_ngd", rank=0), "rank"),
+     (lambda: ImageClassifier(MLP(), update_period=0), "update_period"),
+     (lambda: ImageClassifier(MLP(), eta=1.0), "eta"),
+     (lambda: ImageClassifier(MLP(), lr="0.1"), "lr"),
      (lambda: ImageClassifier("mlp"), "model")],
 )  # fmt: skip
 def test_bad_arguments_raise_value_error(factory, name):
@@ -105,35 +109,107 @@ def _trainer(**kwargs):
     )  # fmt: skip
 
 
-def test_sgd_fit_logs_epoch_metrics_on_epoch_axis():
+class _Recorder(Logger):
+    """Keeps every ``log_metrics`` call: (metrics, step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((dict(metrics), step))
+
+
+def _steps_of(recorder, key):
+    return [step for metrics, step in recorder.calls if key in metrics]
+
+
+def test_sgd_fit_logs_epoch_metrics_on_epoch_axis_and_no_step_metric(tmp_path):
     train, val = _tiny_loaders()
     torch.manual_seed(0)
     module = ImageClassifier(MLP(hidden_sizes=(16,)), lr=0.1)
-    trainer = _trainer()
+    recorder = _Recorder()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=recorder, callbacks=[ckpt],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+    )  # fmt: skip
     trainer.fit(module, train, val)
     metrics = trainer.callback_metrics
     for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
         assert key in metrics and torch.isfinite(metrics[key])
-    assert "ngd/kappa" not in metrics
+        assert _steps_of(recorder, key) == [1, 2]  # completed epochs, sanity check not logged
+    assert "step" not in metrics and "ngd/kappa" not in metrics
+    # 64 samples / batch 16 = 4 optimizer steps per epoch: names carry the global step
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
+    # the epoch means are the sample-weighted means of the batch losses (eval mode, end of fit)
+    x, y = train.dataset.tensors
+    module.eval()
+    with torch.no_grad():
+        val_loss = float(nn.functional.cross_entropy(module(x), y))
+    assert float(metrics["val/loss"]) == pytest.approx(val_loss, rel=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lightning_curvature.optim.ngd") is None,
-                    reason="NGD not available yet")  # fmt: skip
-def test_ngd_fit_logs_optimizer_stats():
+def test_ngd_fit_stats_are_logged_by_the_optimizer_monitor_only():
+    from lightning_curvature.callbacks import OptimizerMonitor
     from lightning_curvature.optim import NGD
 
     train, val = _tiny_loaders()
     torch.manual_seed(0)
     module = ImageClassifier(MLP(hidden_sizes=(16,)), optimizer="ngd", lr=0.05, alpha=0.1,
                              eps=1e-8, fisher_type="true")  # fmt: skip
-    opt = module.configure_optimizers()
-    assert isinstance(opt, NGD)
+    assert isinstance(module.configure_optimizers(), NGD)
     trainer = _trainer()
     trainer.fit(module, train, val)
+    assert not any(k.startswith(("ngd/", "optim/")) for k in trainer.callback_metrics)
+    torch.manual_seed(0)
+    module = ImageClassifier(MLP(hidden_sizes=(16,)), optimizer="ngd", lr=0.05, alpha=0.1,
+                             eps=1e-8, fisher_type="true")  # fmt: skip
+    trainer = _trainer(callbacks=[OptimizerMonitor()])
+    trainer.fit(module, train, val)
     metrics = trainer.callback_metrics
-    for key in ("ngd/kappa", "ngd/fisher_trace", "ngd/update_norm"):
+    for key in ("ngd/kappa", "ngd/fisher_trace", "optim/update_norm"):
         assert key in metrics and torch.isfinite(metrics[key]) and float(metrics[key]) > 0
     # kappa = alpha * max(tr F, eps) / d is linear in tr F (> eps here), so the epoch means obey it
     d = _count(module.model)
     kappa, trace = float(metrics["ngd/kappa"]), float(metrics["ngd/fisher_trace"])
     assert kappa == pytest.approx(0.1 * trace / d, rel=1e-4)
+
+
+def test_online_ngd_optimizer_hyperparameters_and_fit_with_monitor():
+    from lightning_curvature.callbacks import OptimizerMonitor
+    from lightning_curvature.optim import OnlineNGD
+
+    module = ImageClassifier(MLP(hidden_sizes=(16,)), optimizer="online_ngd", lr=0.05, alpha=0.1,
+                             eps=1e-8, rank=6, update_period=3, eta=0.2, momentum=0.5,
+                             weight_decay=1e-4)  # fmt: skip
+    opt = module.configure_optimizers()
+    assert isinstance(opt, OnlineNGD)
+    group = opt.param_groups[0]
+    expected = {"lr": 0.05, "alpha": 0.1, "eps": 1e-8, "rank": 6, "update_period": 3, "eta": 0.2,
+                "momentum": 0.5, "weight_decay": 1e-4}  # fmt: skip
+    assert {k: group[k] for k in expected} == expected
+    train, val = _tiny_loaders()
+    torch.manual_seed(0)
+    trainer = _trainer(callbacks=[OptimizerMonitor()])
+    trainer.fit(module, train, val)
+    metrics = trainer.callback_metrics
+    for key in ("ngd/kappa", "ngd/fisher_trace", "optim/update_norm", "train/loss"):
+        assert key in metrics and torch.isfinite(metrics[key]) and float(metrics[key]) > 0
+    # one factor for every axis of size > 1 of the MLP's tensors
+    opt = trainer.optimizers[0]
+    assert opt.stats["num_factors"] == sum(
+        sum(1 for n in p.shape if n > 1) for p in module.model.parameters()
+    )
