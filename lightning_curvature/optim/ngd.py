@@ -468,14 +468,8 @@ class NGD(torch.optim.Optimizer):
         """Leave weights and momentum untouched; warn unless there was nothing to do."""
         if reason is not None:
             warnings.warn(f"NGD: step skipped, {reason}; weights left unchanged", stacklevel=4)
-        self.stats = _step_stats(
-            kappa=float("nan"),
-            fisher_trace=float("nan"),
-            update_norm=0.0,
-            grad_residual=float("nan"),
-            skipped=True,
-            **stats,
-        )
+        known = {"kappa": float("nan"), "fisher_trace": float("nan"), **stats}
+        self.stats = _step_stats(update_norm=0.0, grad_residual=float("nan"), skipped=True, **known)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -710,9 +704,30 @@ class NGD(torch.optim.Optimizer):
         return direction + woodbury_remainder(samples, solve, residual, kappa), rel_residual
 
 
-def _step_stats(**stats: float | int | bool | str) -> dict[str, float | int | bool | str]:
-    """The one place where the keys of ``NGD.stats`` are written (skipped steps included)."""
-    return dict(stats)
+def _step_stats(
+    *,
+    kappa: float,
+    fisher_trace: float,
+    update_norm: float,
+    grad_residual: float,
+    skipped: bool,
+    num_pseudo_samples: int = 0,
+    batch_size: int = 0,
+    solve_precision: str = "none",
+    rescale: float = 1.0,
+) -> dict[str, float | int | bool | str]:
+    """The one place where ``NGD.stats`` is written: every step, skipped or not, has all keys."""
+    return {
+        "kappa": kappa,
+        "fisher_trace": fisher_trace,
+        "update_norm": update_norm,
+        "grad_residual": grad_residual,
+        "num_pseudo_samples": num_pseudo_samples,
+        "batch_size": batch_size,
+        "solve_precision": solve_precision,
+        "rescale": rescale,
+        "skipped": skipped,
+    }
 
 
 def _layer_factors(
