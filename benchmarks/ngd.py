@@ -5,13 +5,13 @@ MLP 784-256-256-10; for LeNet-5 report, aiming at <= 6 (empirical). The NGD arms
 documented working damping (``damping="per_sample"``, ``docs/ngd.md``): with the per-parameter
 formula the float32 Cholesky factorization can break down (κ ≈ 0) and is redone in float64, which
 times the fallback rather than the method. ``--flops`` prints the analytic FLOP count of each part
-of the MLP step next to SGD's (the bound on the ratio). A "step" is the whole training iteration (zero_grad, forward, mean cross-entropy, backward, update) so the ratio is what
-a training loop pays. Times are medians over interleaved repeats within one process, in CPU
-seconds of the process (one intra-op thread by default; robust to other load on the machine)
-and in wall seconds; peak memory
-is the resident-set high-water mark of a separate subprocess per configuration (``VmHWM``, reset
-just before the first step through ``/proc/self/clear_refs``), reported as the increase over the
-same process's RSS at that point.
+of the MLP step next to SGD's (the bound on the ratio). A "step" is the whole training iteration
+(zero_grad, forward, mean cross-entropy, backward, update) so the ratio is what a training loop
+pays. Times are medians over interleaved repeats within one process, in CPU seconds of the
+process (one intra-op thread by default; robust to other load on the machine) and in wall
+seconds; peak memory is the resident-set high-water mark of a separate subprocess per
+configuration (``VmHWM``, reset just before the first step through ``/proc/self/clear_refs``),
+reported as the increase over the same process's RSS at that point.
 
 Data: Fashion-MNIST training batches when ``LIGHTNING_CURVATURE_DATA`` is set (``fashion-mnist/``
 IDX .gz files), random inputs and labels otherwise (the script says which).
