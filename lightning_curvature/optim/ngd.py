@@ -533,10 +533,8 @@ class NGD(torch.optim.Optimizer):
                 f"NGD: the model's forward ran {cap.root_calls} times during the step; it must "
                 "run exactly once (per-sample information is taken from that call)"
             )
-        grad = self.layout.flatten(
-            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        )
-        grad_sq = float(grad @ grad)
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_sq = float(sum(float(g.reshape(-1) @ g.reshape(-1)) for g in grads))
         if cap.nonfinite_outputs:
             self._skip("the model's outputs are not finite")
             return
@@ -544,7 +542,7 @@ class NGD(torch.optim.Optimizer):
             self._skip("the gradient is not finite")
             return
         batch, delta = self._validate_capture(cap)
-        samples = self._sample_gradients(cap, batch, delta, grad.dtype, grad.device)
+        samples = self._sample_gradients(cap, batch, delta, grads[0].dtype, grads[0].device)
         gram = samples.gram_lower()
         fisher_trace = float(gram.diagonal().double().sum()) / batch
         kappa = damping_kappa(
@@ -558,14 +556,14 @@ class NGD(torch.optim.Optimizer):
         if not (math.isfinite(fisher_trace) and math.isfinite(kappa) and kappa > 0):
             self._skip("the Fisher is not finite", fisher_trace=fisher_trace)
             return
-        v = self._span_coefficients(cap, delta, batch, grad.device)
+        v = self._span_coefficients(cap, delta, batch, samples.device)
         span_sq = lower_block_quadratic_form(gram, v, batch)
         gram.diagonal().add_(batch * kappa)
         solve, precision = spd_solver(gram, batch * kappa)
         del gram  # the solver holds the factor; the Gram is the step's largest temporary
         direction = span_direction(samples, solve, v)
         direction, rel_residual = self._add_remainder(
-            direction, samples, solve, v, grad, grad_sq, span_sq, kappa
+            direction, samples, solve, v, params, grad_sq, span_sq, kappa
         )
         if not math.isfinite(float(direction.sum())):
             self._skip(
@@ -676,7 +674,7 @@ class NGD(torch.optim.Optimizer):
         samples: SampleGradients,
         solve: Solver,
         v: Tensor,
-        grad: Tensor,
+        params: list[Tensor],
         grad_sq: float,
         span_sq: float,
         kappa: float,
@@ -686,10 +684,13 @@ class NGD(torch.optim.Optimizer):
         The norm identity ``‖g‖² = vᵀKv`` is free; only if it fails by more than
         ``1000·ε_dtype`` is the residual formed explicitly (one more ``Gᵀ`` product).
         """
-        tol = 1e3 * torch.finfo(grad.dtype).eps
+        tol = 1e3 * torch.finfo(samples.dtype).eps
         mismatch = span_mismatch(grad_sq, span_sq)
         if mismatch <= tol:
             return direction, math.sqrt(mismatch)
+        grad = self.layout.flatten(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        )
         residual = grad - samples.transpose_times(v[:, None])[0]
         rel_residual = relative_norm(residual, grad_sq)
         if rel_residual <= tol:
@@ -757,4 +758,6 @@ def _layer_factors(
             d_parts.append(layer_output_grads(module, c.d, lead=1))
         else:  # mean loss: per-sample gradients are B × the captured output-gradients
             d_parts.append(layer_output_grads(module, c.d * batch, lead=0)[None])
+    if len(calls) == 1:  # the usual case: no copy
+        return LayerFactors(a_parts[0], d_parts[0], has_bias)
     return LayerFactors(torch.cat(a_parts, 1), torch.cat(d_parts, 2), has_bias)
