@@ -1,12 +1,21 @@
 """Natural-gradient descent with trace-scaled damping, solved exactly in the sample space.
 
-Update (``DESIGN.md``, *NGD*)::
+Update (``docs/ngd.md``)::
 
     θ ← (1 − lr·wd)·θ − lr·m,     m ← μ·m + Δ,     Δ = (F + κI)⁻¹ g,
-    κ = α · max(tr F, ε) / d,
+    κ = α · max(tr F, ε) / d        (damping="per_parameter", the default: seed 002's formula)
+    κ = α · max(tr F, ε) / N        (damping="per_sample": α × the mean nonzero eigenvalue)
 
 with ``g`` the minibatch gradient, ``d`` the number of optimized parameters and
 ``F = (1/B) Gᵀ G`` the minibatch Fisher, ``G`` the N×d matrix of (pseudo-)sample gradients.
+F has at most N nonzero eigenvalues, so for N ≪ d the per-parameter κ is about α·N/d of their
+mean and the step is nearly undamped; ``damping="per_sample"`` makes α the damping relative to
+the curvature the step actually sees. ``rescale=True`` additionally rescales Δ to ‖g‖ (the
+norm-preserving step of seed 002's online NGD).
+
+The step is assembled from named pieces: :class:`.sample_space.SampleGradients` (G as layer
+factors: Gram matrix, ``Gᵀc``, ``Gr``), :mod:`.solve` (span coefficients, κ, the SPD solve with
+its float64 fallback, the Woodbury remainder) and :func:`.update.apply_update`.
 
 Exact solve without a d×d matrix. With ``K = G Gᵀ`` (N×N) the push-through identity
 ``(GᵀG/B + κI)⁻¹ Gᵀ = Gᵀ(K/B + κI)⁻¹`` gives, for a gradient ``g = Gᵀv`` in the row span of G,
@@ -65,15 +74,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..checks import ArgumentError, check_bool, check_choice, check_float
 from ..curvature.params import ParameterLayout
-from .factors import (
-    LayerFactors,
-    add_lower_block_gram,
-    is_factorable,
-    layer_inputs,
-    layer_output_grads,
-)
+from .factors import LayerFactors, is_factorable, layer_inputs, layer_output_grads
 from .per_sample import per_sample_vjps
+from .sample_space import SampleGradients, lower_block_quadratic_form
+from .solve import (
+    DAMPINGS,
+    Solver,
+    damping_kappa,
+    empirical_span_coefficients,
+    relative_norm,
+    span_direction,
+    span_mismatch,
+    spd_solver,
+    true_span_coefficients,
+    woodbury_remainder,
+)
+from .update import apply_update
 
 __all__ = ["NGD"]
 
@@ -127,27 +145,6 @@ class _Hook:
         return (_Hook, (None, self._method))
 
 
-def _check_number(
-    name: str,
-    value: float,
-    low: float,
-    *,
-    low_open: bool,
-    high: float | None = None,
-    high_open: bool = True,
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = f"{'(' if low_open else '['}{low}"
-        hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
-        raise ValueError(f"{name} must be a finite number in {lo}, {hi}; got {value!r}")
-    return float(value)
-
-
 def _is_distribution(q: Tensor, tol: float) -> bool:
     """Whether every row of ``q`` is a probability vector (up to ``tol``)."""
     return float(q.min()) >= -tol and float((q.sum(-1) - 1).abs().max()) <= tol
@@ -173,7 +170,8 @@ class NGD(torch.optim.Optimizer):
     lr : float
         Learning rate η > 0.
     alpha : float
-        Damping scale α > 0 in ``κ = α·max(tr F, ε)/d``. Large α → SGD with lr/κ.
+        Damping scale α > 0 in ``κ = α·max(tr F, ε)/d`` (or ``/N``, see ``damping``). Large α →
+        SGD with lr/κ.
     eps : float
         Floor ε > 0 on tr F (keeps κ > 0 at a zero-gradient point).
     fisher_type : {"empirical", "true"}
@@ -189,6 +187,15 @@ class NGD(torch.optim.Optimizer):
     backend : {"factors", "vmap"}
         ``"factors"``: Linear/Conv2d layers through their factors, the rest with ``torch.func``.
         ``"vmap"``: every parameter with ``torch.func`` per-sample gradients (slower; a reference).
+    damping : {"per_parameter", "per_sample"}
+        ``"per_parameter"`` (default, seed 002's formula as written): ``κ = α·max(tr F, ε)/d``,
+        α times the mean of all d eigenvalues of F, i.e. about α·N/d of the mean *nonzero*
+        eigenvalue: nearly undamped when N ≪ d. ``"per_sample"``: ``κ = α·max(tr F, ε)/N`` with
+        N the number of pseudo-samples (B empirical, B·(C−1) true), α times the mean nonzero
+        eigenvalue (the documented working setting, ``docs/ngd.md``).
+    rescale : bool
+        Rescale the direction Δ to the raw gradient's norm ‖g‖ before momentum (the
+        norm-preserving step of seed 002's online NGD); ``stats["rescale"]`` is the factor.
 
     Notes
     -----
@@ -226,7 +233,8 @@ class NGD(torch.optim.Optimizer):
     stats : dict
         After each step: ``kappa``, ``fisher_trace`` (tr F), ``update_norm`` (‖θ_{t+1} − θ_t‖),
         ``grad_residual``, ``num_pseudo_samples`` (N), ``batch_size``, ``solve_precision``,
-        ``skipped``, ``seconds`` (wall time of the solve and update, closure excluded).
+        ``skipped``, ``rescale`` (the norm-preserving factor, 1 without ``rescale``),
+        ``seconds`` (wall time of the solve and update, closure excluded).
     layout : ParameterLayout
         The flat-vector layout of the optimized parameters.
     """
@@ -242,26 +250,26 @@ class NGD(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         backend: str = "factors",
+        damping: str = "per_parameter",
+        rescale: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"model must be an nn.Module (NGD needs per-sample information from its layers), "
-                f"got {type(model).__name__}"
+            raise ArgumentError(
+                "`model` must be an nn.Module (NGD needs per-sample information from its "
+                f"layers), got {type(model).__name__}"
             )
         defaults = {
-            "lr": _check_number("lr", lr, 0.0, low_open=True),
-            "alpha": _check_number("alpha", alpha, 0.0, low_open=True),
-            "eps": _check_number("eps", eps, 0.0, low_open=True),
-            "momentum": _check_number("momentum", momentum, 0.0, low_open=False, high=1.0),
-            "weight_decay": _check_number("weight_decay", weight_decay, 0.0, low_open=False),
+            "lr": check_float("lr", lr, low=0.0, low_open=True),
+            "alpha": check_float("alpha", alpha, low=0.0, low_open=True),
+            "eps": check_float("eps", eps, low=0.0, low_open=True),
+            "momentum": check_float("momentum", momentum, low=0.0, high=1.0, high_open=True),
+            "weight_decay": check_float("weight_decay", weight_decay, low=0.0),
         }
-        if fisher_type not in FISHER_TYPES:
-            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model = model
-        self.fisher_type = fisher_type
-        self.backend = backend
+        self.fisher_type = check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.damping = check_choice("damping", damping, DAMPINGS)
+        self.rescale = check_bool("rescale", rescale)
         self.layout = ParameterLayout.from_module(model)
         self._building = True
         super().__init__(self.layout.parameters(model), defaults)
@@ -456,16 +464,12 @@ class NGD(torch.optim.Optimizer):
         self.stats["seconds"] = time.perf_counter() - start
         return loss
 
-    def _skip(self, reason: str, **stats: float) -> None:
-        warnings.warn(f"NGD: step skipped, {reason}; weights left unchanged", stacklevel=3)
-        self.stats = {
-            "kappa": float("nan"),
-            "fisher_trace": float("nan"),
-            "update_norm": 0.0,
-            "grad_residual": float("nan"),
-            "skipped": True,
-            **stats,
-        }
+    def _skip(self, reason: str | None, **stats: float) -> None:
+        """Leave weights and momentum untouched; warn unless there was nothing to do."""
+        if reason is not None:
+            warnings.warn(f"NGD: step skipped, {reason}; weights left unchanged", stacklevel=4)
+        known = {"kappa": float("nan"), "fisher_trace": float("nan"), **stats}
+        self.stats = _step_stats(update_norm=0.0, grad_residual=float("nan"), skipped=True, **known)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -518,180 +522,49 @@ class NGD(torch.optim.Optimizer):
         return delta
 
     def _step(self, cap: _Capture) -> None:
+        """Gather → Gram → κ → span coefficients → solve → remainder → update."""
         group = self.param_groups[0]
-        lr, alpha, eps = group["lr"], group["alpha"], group["eps"]
-        momentum, weight_decay = group["momentum"], group["weight_decay"]
         params: list[Tensor] = group["params"]
         if all(p.grad is None for p in params):  # e.g. Lightning skipped the batch
-            self.stats = {
-                "kappa": float("nan"),
-                "fisher_trace": float("nan"),
-                "update_norm": 0.0,
-                "grad_residual": float("nan"),
-                "skipped": True,
-            }
+            self._skip(None)
             return
         if cap.root_calls > 1:
             raise RuntimeError(
                 f"NGD: the model's forward ran {cap.root_calls} times during the step; it must "
                 "run exactly once (per-sample information is taken from that call)"
             )
-        ref = next(p for p in params if p.grad is not None)
-        dtype, device = ref.dtype, ref.device
-        grad = self.layout.flatten(
-            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        )
-        grad_sq = float(torch.dot(grad, grad))
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_sq = float(sum(float(g.reshape(-1) @ g.reshape(-1)) for g in grads))
         if cap.nonfinite_outputs:
             self._skip("the model's outputs are not finite")
             return
         if not math.isfinite(grad_sq):
             self._skip("the gradient is not finite")
             return
-        if not cap.calls and cap.root_calls == 0:
-            raise RuntimeError(
-                "NGD: no forward pass of the model was recorded during the step (was the model "
-                "given to NGD the one called in the closure?)"
-            )
-        batch = self._batch_size(cap)
-        delta = self._check_output_grad(cap, batch)
-        true = self.fisher_type == "true"
-        if true and cap.true_cotangents is None:
-            raise ValueError(
-                "NGD: fisher_type='true' needs the forward of the model given to NGD to run in "
-                "the closure and return logits (e.g. pass the network, not a wrapper whose "
-                "forward is not called)"
-            )
-        reps = cap.true_cotangents.shape[0] if true else 1
-        n = reps * batch
-
-        factors: list[tuple[LayerFactors, slice, slice | None]] = []
-        for module, calls in cap.calls.items():
-            w_slice, b_slice = self._layers[module]
-            a_parts, d_parts = [], []
-            for c in calls:
-                a_parts.append(layer_inputs(module, c.x))
-                if c.d is None:  # output did not reach the loss
-                    d_parts.append(None)
-                elif true:
-                    d_parts.append(layer_output_grads(module, c.d, lead=1))
-                else:
-                    d_parts.append(layer_output_grads(module, c.d * batch, lead=0)[None])
-            out_features = module.weight.shape[0]
-            d_parts = [
-                d
-                if d is not None
-                else torch.zeros(
-                    reps, batch, a.shape[1], out_features, dtype=a.dtype, device=a.device
-                )
-                for a, d in zip(a_parts, d_parts, strict=True)
-            ]
-            f = LayerFactors(torch.cat(a_parts, 1), torch.cat(d_parts, 2), b_slice is not None)
-            factors.append((f, w_slice, b_slice))
-
-        fallback_g = None
-        if self._fallback is not None:
-            if cap.root_calls == 0 or cap.output is None:
-                raise ValueError(
-                    "NGD: parameters outside Linear/Conv2d layers need the forward of the model "
-                    "given to NGD to run in the closure and return one output tensor"
-                )
-            if true:
-                cot = cap.true_cotangents
-            elif delta is not None:
-                cot = (delta * batch)[None]
-            else:
-                cot = torch.zeros_like(cap.output)[None]
-            fallback_g = per_sample_vjps(self.model, self._fallback, cap.args, cap.kwargs, cot)
-            fallback_slices = [self.layout.slices()[nm] for nm in self._fallback.names]
-
-        # Gram matrix K = G Gᵀ, lower block triangle only (B×B blocks), in the parameter dtype.
-        gram = torch.zeros(n, n, dtype=dtype, device=device)
-        for f, _, _ in factors:
-            f.add_gram_lower(gram)
-        if fallback_g is not None:
-            add_lower_block_gram(gram, fallback_g.view(reps, batch, -1))
+        batch, delta = self._validate_capture(cap)
+        samples = self._sample_gradients(cap, batch, delta, grads[0].dtype, grads[0].device)
+        gram = samples.gram_lower()
         fisher_trace = float(gram.diagonal().double().sum()) / batch
-        kappa = alpha * max(fisher_trace, eps) / self.layout.dim
+        kappa = damping_kappa(
+            self.damping,
+            group["alpha"],
+            fisher_trace,
+            group["eps"],
+            self.layout.dim,
+            samples.num_pseudo,
+        )
         if not (math.isfinite(fisher_trace) and math.isfinite(kappa) and kappa > 0):
             self._skip("the Fisher is not finite", fisher_trace=fisher_trace)
             return
-
-        # Span coefficients v with g = Gᵀv.
-        if true:
-            if delta is None:
-                raise RuntimeError("NGD: the output gradient was not captured")
-            # δ_i = Mᵀ y_i with y_i = δ_i without the reference class (δ_i sums to zero), so
-            # the coefficients of the pseudo-samples Mᵀ L are v_i = L⁻¹ y_i.
-            y = delta.double()[cap.fisher_keep].view(batch, -1, 1)
-            v = torch.linalg.solve_triangular(cap.fisher_chol, y, upper=False)
-            v = v[..., 0].T.reshape(n)
-        else:
-            v = torch.full((n,), 1.0 / batch, dtype=torch.float64, device=device)
-        # ‖Gᵀv‖² = vᵀKv (K stored as its lower block triangle L: K = L + Lᵀ − blockdiag).
-        v_work = v.to(gram.dtype)
-        span_sq = 2 * float(v_work @ (gram @ v_work))
-        for i in range(reps):
-            block = slice(i * batch, (i + 1) * batch)
-            span_sq -= float(v_work[block] @ (gram[block, block] @ v_work[block]))
-
-        def g_transpose(columns: Tensor) -> Tensor:
-            """``Gᵀ columns`` for ``columns`` (N, J) → (J, d) in the parameter dtype."""
-            j = columns.shape[1]
-            pieces: dict[int, Tensor] = {}  # slice start → (J, width), assembled in layout order
-            for f, ws, bs in factors:
-                w, b = f.combine(columns)
-                pieces[ws.start] = w.reshape(j, -1).to(dtype)
-                if bs is not None:
-                    pieces[bs.start] = b.to(dtype)
-            if fallback_g is not None:
-                prod = (fallback_g.T @ columns.to(fallback_g.dtype)).T.to(dtype)
-                start = 0
-                for sl in fallback_slices:
-                    width = sl.stop - sl.start
-                    pieces[sl.start] = prod[:, start : start + width]
-                    start += width
-            for sl in self.layout.slices().values():
-                if sl.start not in pieces:  # parameter never reached by the loss: zero gradient
-                    pieces[sl.start] = torch.zeros(
-                        j, sl.stop - sl.start, dtype=dtype, device=device
-                    )
-            return torch.cat([pieces[k] for k in sorted(pieces)], dim=1)
-
+        v = self._span_coefficients(cap, delta, batch, samples.device)
+        span_sq = lower_block_quadratic_form(gram, v, batch)
         gram.diagonal().add_(batch * kappa)
-        solve, precision = _spd_solver(gram, batch * kappa)
-        coeff = batch * solve(v[:, None])[:, 0]
-        direction = g_transpose(coeff[:, None])[0]
-
-        # Is g = Gᵀv? The norm identity ‖g‖² = vᵀKv is free; only if it fails is the residual
-        # formed explicitly and solved by Woodbury (exact, but scaled by up to 1/κ off-span).
-        tol = 1e3 * torch.finfo(dtype).eps
-        mismatch = abs(grad_sq - span_sq) / grad_sq if grad_sq > 0 else 0.0
-        rel_residual = math.sqrt(mismatch)
-        residual = None
-        if mismatch > tol:
-            residual = grad - g_transpose(v[:, None])[0]
-            rel_residual = float(residual.norm()) / math.sqrt(grad_sq)
-        if residual is not None and rel_residual > tol:
-            self._warn_once(
-                "residual",
-                f"NGD: the gradient differs from the mean of the captured per-sample gradients "
-                f"(relative {rel_residual:.2e}): an explicit L2 term in the loss, gradient "
-                "clipping, a non-mean reduction or parameters used outside their layers. The "
-                "remainder is solved exactly but its out-of-span part is scaled by up to 1/kappa.",
-            )
-            g_r = torch.zeros(n, dtype=torch.float64, device=device)
-            for f, ws, bs in factors:
-                w_shape = (f.d.shape[-1], f.a.shape[-1])
-                g_r += f.apply(
-                    residual[ws].reshape(w_shape), residual[bs] if bs is not None else None
-                ).double()
-            if fallback_g is not None:
-                r_fb = torch.cat([residual[sl] for sl in fallback_slices])
-                g_r += (fallback_g @ r_fb.to(fallback_g.dtype)).double()
-            w = solve(g_r[:, None])
-            direction = direction + (residual - g_transpose(w)[0]) / kappa
-
+        solve, precision = spd_solver(gram, batch * kappa)
+        del gram  # the solver holds the factor; the Gram is the step's largest temporary
+        direction = span_direction(samples, solve, v)
+        direction, rel_residual = self._add_remainder(
+            direction, samples, solve, v, params, grad_sq, span_sq, kappa
+        )
         if not math.isfinite(float(direction.sum())):
             self._skip(
                 "the natural-gradient direction is not finite",
@@ -699,55 +572,192 @@ class NGD(torch.optim.Optimizer):
                 fisher_trace=fisher_trace,
             )
             return
+        scale = 1.0
+        if self.rescale:
+            # Seed 002's (Kaldi's) norm-preserving rescale: the step has the raw gradient's norm.
+            dir_norm = float(direction.norm())
+            scale = math.sqrt(grad_sq) / dir_norm if dir_norm > 0 else 1.0
+            direction = direction * scale
+        update_norm = apply_update(
+            params,
+            list(self.layout.unflatten(direction).values()),
+            [self.state[p] for p in params],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+        )
+        self.stats = _step_stats(
+            kappa=kappa,
+            fisher_trace=fisher_trace,
+            update_norm=update_norm,
+            grad_residual=rel_residual,
+            num_pseudo_samples=samples.num_pseudo,
+            batch_size=batch,
+            solve_precision=precision,
+            rescale=scale,
+            skipped=False,
+        )
 
-        sq_norm = 0.0
-        for p, d_p in zip(params, self.layout.unflatten(direction).values(), strict=True):
-            state = self.state[p]
-            if momentum > 0:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = d_p.clone()
-                    state["momentum_buffer"] = buf
-                else:
-                    buf.mul_(momentum).add_(d_p)
-                d_p = buf
-            if weight_decay > 0:
-                update = d_p * lr + p * (lr * weight_decay)
-                flat_update = update.reshape(-1)
-                sq_norm += float(torch.dot(flat_update, flat_update))
-                p.sub_(update)
+    def _validate_capture(self, cap: _Capture) -> tuple[int, Tensor | None]:
+        """The batch size and the checked output gradient, or an error naming what is missing."""
+        if not cap.calls and cap.root_calls == 0:
+            raise RuntimeError(
+                "NGD: no forward pass of the model was recorded during the step (was the model "
+                "given to NGD the one called in the closure?)"
+            )
+        batch = self._batch_size(cap)
+        delta = self._check_output_grad(cap, batch)
+        if self.fisher_type == "true" and cap.true_cotangents is None:
+            raise ValueError(
+                "NGD: fisher_type='true' needs the forward of the model given to NGD to run in "
+                "the closure and return logits (e.g. pass the network, not a wrapper whose "
+                "forward is not called)"
+            )
+        if self._fallback is not None and (cap.root_calls == 0 or cap.output is None):
+            raise ValueError(
+                "NGD: parameters outside Linear/Conv2d layers need the forward of the model "
+                "given to NGD to run in the closure and return one output tensor"
+            )
+        return batch, delta
+
+    def _sample_gradients(
+        self,
+        cap: _Capture,
+        batch: int,
+        delta: Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> SampleGradients:
+        """``G`` of this step: layer factors from the hooks, ``torch.func`` rows for the rest."""
+        true = self.fisher_type == "true"
+        reps = cap.true_cotangents.shape[0] if true else 1
+        factors = []
+        for module, calls in cap.calls.items():
+            w_slice, b_slice = self._layers[module]
+            f = _layer_factors(module, calls, batch, reps, true=true, has_bias=b_slice is not None)
+            factors.append((f, w_slice, b_slice))
+        fallback, fallback_slices = None, []
+        if self._fallback is not None:
+            if true:
+                cot = cap.true_cotangents
+            elif delta is not None:
+                cot = (delta * batch)[None]
             else:
-                flat_dir = d_p.reshape(-1)
-                sq_norm += lr * lr * float(torch.dot(flat_dir, flat_dir))
-                p.add_(d_p, alpha=-lr)
-        self.stats = {
-            "kappa": kappa,
-            "fisher_trace": fisher_trace,
-            "update_norm": math.sqrt(sq_norm),
-            "grad_residual": rel_residual,
-            "num_pseudo_samples": n,
-            "batch_size": batch,
-            "solve_precision": precision,
-            "skipped": False,
-        }
+                cot = torch.zeros_like(cap.output)[None]
+            fallback = per_sample_vjps(self.model, self._fallback, cap.args, cap.kwargs, cot)
+            slices = self.layout.slices()
+            fallback_slices = [slices[nm] for nm in self._fallback.names]
+        return SampleGradients(
+            layout=self.layout,
+            reps=reps,
+            batch=batch,
+            factors=factors,
+            fallback=fallback,
+            fallback_slices=fallback_slices,
+            dtype=dtype,
+            device=device,
+        )
+
+    def _span_coefficients(
+        self, cap: _Capture, delta: Tensor | None, batch: int, device: torch.device
+    ) -> Tensor:
+        """``v`` (float64, N) with ``g = Gᵀv`` when ``.grad`` is the mean of the captured terms."""
+        if self.fisher_type != "true":
+            return empirical_span_coefficients(batch, torch.float64, device)
+        if delta is None:
+            raise RuntimeError("NGD: the output gradient was not captured")
+        return true_span_coefficients(delta, cap.fisher_chol, cap.fisher_keep)
+
+    def _add_remainder(
+        self,
+        direction: Tensor,
+        samples: SampleGradients,
+        solve: Solver,
+        v: Tensor,
+        params: list[Tensor],
+        grad_sq: float,
+        span_sq: float,
+        kappa: float,
+    ) -> tuple[Tensor, float]:
+        """Add the Woodbury solve of ``r = g − Gᵀv`` if ``g`` is not in the span; ``(Δ, ‖r‖/‖g‖)``.
+
+        The norm identity ``‖g‖² = vᵀKv`` is free; only if it fails by more than
+        ``1000·ε_dtype`` is the residual formed explicitly (one more ``Gᵀ`` product).
+        """
+        tol = 1e3 * torch.finfo(samples.dtype).eps
+        mismatch = span_mismatch(grad_sq, span_sq)
+        if mismatch <= tol:
+            return direction, math.sqrt(mismatch)
+        grad = self.layout.flatten(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        )
+        residual = grad - samples.transpose_times(v[:, None])[0]
+        rel_residual = relative_norm(residual, grad_sq)
+        if rel_residual <= tol:
+            return direction, rel_residual
+        self._warn_once(
+            "residual",
+            f"NGD: the gradient differs from the mean of the captured per-sample gradients "
+            f"(relative {rel_residual:.2e}): an explicit L2 term in the loss, gradient "
+            "clipping, a non-mean reduction or parameters used outside their layers. The "
+            "remainder is solved exactly but its out-of-span part is scaled by up to 1/kappa.",
+        )
+        return direction + woodbury_remainder(samples, solve, residual, kappa), rel_residual
 
 
-def _spd_solver(system: Tensor, shift: float) -> tuple[Callable[[Tensor], Tensor], str]:
-    """Solver for the SPD ``system = K + shift·I`` stored as its lower block triangle.
+def _step_stats(
+    *,
+    kappa: float,
+    fisher_trace: float,
+    update_norm: float,
+    grad_residual: float,
+    skipped: bool,
+    num_pseudo_samples: int = 0,
+    batch_size: int = 0,
+    solve_precision: str = "none",
+    rescale: float = 1.0,
+) -> dict[str, float | int | bool | str]:
+    """The one place where ``NGD.stats`` is written: every step, skipped or not, has all keys."""
+    return {
+        "kappa": kappa,
+        "fisher_trace": fisher_trace,
+        "update_norm": update_norm,
+        "grad_residual": grad_residual,
+        "num_pseudo_samples": num_pseudo_samples,
+        "batch_size": batch_size,
+        "solve_precision": solve_precision,
+        "rescale": rescale,
+        "skipped": skipped,
+    }
 
-    Cholesky in the precision of ``system``: a float32 Gram matrix is only float32-accurate, so
-    factorizing it in float32 (twice as fast) loses nothing. If that breaks down (κ so small that
-    cond·ε₃₂ ≳ 1) the factorization is redone in float64; if even that fails through rounding, an
-    eigendecomposition with the spectrum clamped at ``shift`` (the exact matrix has no
-    eigenvalue below it) is used. Only lower triangles are read. Solutions come back as float64.
+
+def _layer_factors(
+    module: nn.Module,
+    calls: list[_LayerCall],
+    batch: int,
+    reps: int,
+    *,
+    true: bool,
+    has_bias: bool,
+) -> LayerFactors:
+    """Inputs ``(B, T, in)`` and per-sample output-gradients ``(R, B, T, out)`` of one layer.
+
+    Several calls of the same layer (weight reuse along the forward) are concatenated along the
+    position axis T. A call whose output did not reach the loss contributes zero gradients.
     """
-    chol, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        return (lambda rhs: torch.cholesky_solve(rhs.to(chol.dtype), chol).double()), str(
-            system.dtype
-        ).removeprefix("torch.")
-    if system.dtype != torch.float64:
-        return _spd_solver(system.double(), shift)
-    evals, evecs = torch.linalg.eigh(system)  # reads the lower triangle too
-    evals = evals.clamp_min(shift)
-    return (lambda rhs: evecs @ ((evecs.T @ rhs) / evals[:, None])), "float64-eigh"
+    a_parts, d_parts = [], []
+    out_features = module.weight.shape[0]
+    for c in calls:
+        a = layer_inputs(module, c.x)
+        a_parts.append(a)
+        if c.d is None:  # output did not reach the loss
+            d_parts.append(
+                torch.zeros(reps, batch, a.shape[1], out_features, dtype=a.dtype, device=a.device)
+            )
+        elif true:
+            d_parts.append(layer_output_grads(module, c.d, lead=1))
+        else:  # mean loss: per-sample gradients are B × the captured output-gradients
+            d_parts.append(layer_output_grads(module, c.d * batch, lead=0)[None])
+    if len(calls) == 1:  # the usual case: no copy
+        return LayerFactors(a_parts[0], d_parts[0], has_bias)
+    return LayerFactors(torch.cat(a_parts, 1), torch.cat(d_parts, 2), has_bias)
