@@ -11,12 +11,19 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_curvature.callbacks.sink import MetricSink
-from lightning_curvature.checks import check_choice, check_float, check_int
+from lightning_curvature.checks import (
+    ArgumentError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
 
 __all__ = ["ImageClassifier"]
 
 _OPTIMIZERS = ("sgd", "ngd", "online_ngd")
 _FISHER_TYPES = ("empirical", "true")
+_DAMPINGS = ("per_parameter", "per_sample")
 _STAGES = ("train", "val", "test")
 
 
@@ -49,6 +56,13 @@ class ImageClassifier(pl.LightningModule):
         NGD and OnlineNGD: the smoothing α and the floor ε (see the optimizers).
     fisher_type : {"empirical", "true"}
         NGD only.
+    damping : {"per_parameter", "per_sample"}
+        NGD only: κ = α·max(tr F, ε)/d (the formula as published, nearly undamped when the
+        batch is much smaller than d) or κ = α·max(tr F, ε)/N with N the number of
+        pseudo-samples (α times the mean nonzero eigenvalue of F: α keeps its meaning). The
+        documented working setting is ``damping="per_sample", alpha=1, lr=0.1`` (``docs/ngd.md``).
+    rescale : bool
+        NGD only: rescale each update to the raw gradient's norm (as the online NGD does).
     rank, update_period, eta :
         OnlineNGD only: largest factor rank (an axis of size D gets min((D+1)//2, rank)), factor
         update period in steps, forgetting factor η.
@@ -72,15 +86,19 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         num_classes: int | None = None,
         restore_optimizer_state: bool = True,
+        damping: Literal["per_parameter", "per_sample"] = "per_parameter",
+        rescale: bool = False,
         rank: int = 80,
         update_period: int = 4,
         eta: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         check_choice("optimizer", optimizer, _OPTIMIZERS)
         check_choice("fisher_type", fisher_type, _FISHER_TYPES)
+        check_choice("damping", damping, _DAMPINGS)
+        check_bool("rescale", rescale)
         check_float("lr", lr, low=0.0, low_open=True)
         check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
         check_float("alpha", alpha, low=0.0, low_open=True)
@@ -188,6 +206,8 @@ class ImageClassifier(pl.LightningModule):
             fisher_type=hp.fisher_type,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
+            damping=hp.get("damping", "per_parameter"),
+            rescale=hp.get("rescale", False),
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

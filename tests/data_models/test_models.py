@@ -66,6 +66,8 @@ def test_mlp_activation_and_depth():
      (lambda: ImageClassifier(MLP(), update_period=0), "update_period"),
      (lambda: ImageClassifier(MLP(), eta=1.0), "eta"),
      (lambda: ImageClassifier(MLP(), lr="0.1"), "lr"),
+     (lambda: ImageClassifier(MLP(), optimizer="ngd", damping="kfac"), "damping"),
+     (lambda: ImageClassifier(MLP(), optimizer="ngd", rescale=1), "rescale"),
      (lambda: ImageClassifier("mlp"), "model")],
 )  # fmt: skip
 def test_bad_arguments_raise_value_error(factory, name):
@@ -84,6 +86,21 @@ def test_classifier_sgd_optimizer_and_loss():
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     expected = nn.functional.cross_entropy(module.model(x), y)
     torch.testing.assert_close(module.loss_fn(module(x), y), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "damping", "rescale"),
+    [
+        ({}, "per_parameter", False),
+        ({"damping": "per_sample", "rescale": True}, "per_sample", True),
+    ],
+)
+def test_classifier_passes_ngd_damping_and_rescale(kwargs, damping, rescale):
+    from lightning_curvature.optim import NGD
+
+    opt = ImageClassifier(MLP(hidden_sizes=(8,)), optimizer="ngd", **kwargs).configure_optimizers()
+    assert isinstance(opt, NGD)
+    assert (opt.damping, opt.rescale) == (damping, rescale)
 
 
 def test_restore_optimizer_state_flag_drops_optimizer_state_on_load():
