@@ -237,6 +237,10 @@ class SplitCLI(CurvatureCLI):
         if seed is not False:
             seed_everything(seed, workers=True)
         self.config = run.config
+        # LightningCLI caches the config dump its module instantiator hands to
+        # save_hyperparameters (load_from_checkpoint support); drop it, or every run would store
+        # the first run's hyper-parameters and train with them.
+        self.__dict__.pop("config_dump", None)
         self.instantiate_classes()
         if Path(self.trainer.log_dir) != run.log_dir:
             raise CLIError(f"run {run.name}: logger writes to {self.trainer.log_dir}, expected "
@@ -283,8 +287,9 @@ class SplitCLI(CurvatureCLI):
                 self._instantiate(run)
                 self.trainer.fit(self.model, datamodule=self.datamodule,
                                  ckpt_path=str(self.base_checkpoint))  # fmt: skip
-                last = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
-                done[run.name] = {"final_checkpoint": last}
+                final = run.log_dir / f"final_epoch={self.trainer.current_epoch}.ckpt"
+                self.trainer.save_checkpoint(str(final))
+                done[run.name] = {"final_checkpoint": str(final)}
                 networks[run.name] = self.model.model
             self.split_dir.mkdir(parents=True, exist_ok=True)
             self._write_manifest(runs, done)
