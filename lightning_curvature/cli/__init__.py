@@ -25,12 +25,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CLIError
+from .errors import CLIError, RunsNotFoundError
 
 __all__ = [
     "CLIError",
     "CurvatureCLI",
     "REPORT_PANELS",
+    "RunsNotFoundError",
     "SplitCLI",
     "SplitSettings",
     "compare_branch_networks",
