@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ def _draw(ax, x, y, err, color: str, style: str, label: str | None, thin: bool) 
     has_err = err is not None and np.isfinite(err).any()
     if len(x) == 1 and has_err:  # a band of one point is invisible: draw its error bar
         ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=3, label=label, **kwargs)
+        ax.set_xlim(min(ax.get_xlim()[0], x[0] - 1), max(ax.get_xlim()[1], x[0] + 1))
         return
     ax.plot(x, y, marker="o", ms=3, label=label, **kwargs)
     if has_err:
@@ -330,7 +332,9 @@ def _seed_tables(arms: dict[str, list[Scalars]]) -> list[str]:
             vb = [v for v, _, _ in _final_values(multi[b], tag, fallbacks)]
             if len(va) < 2 or len(vb) < 2:
                 continue
-            result = stats.ttest_ind(va, vb, equal_var=False)
+            with warnings.catch_warnings():  # identical seeds: t is undefined, shown as "–"
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result = stats.ttest_ind(va, vb, equal_var=False)
             diff = float(np.mean(va) - np.mean(vb))
             lines.append(f"| {column} | {a} | {b} | {_fmt(diff)} | {_fmt(float(result.statistic))}"
                          f" | {_fmt(float(result.pvalue))} |")  # fmt: skip
