@@ -1,61 +1,63 @@
-"""Helpers shared by the benchmark scripts: Fashion-MNIST without the data module, timing.
+"""Helpers shared by the benchmark scripts: data through the package, the peer interpreter, timing.
 
-Only numpy and torch are imported here, so a script can also run under the peer virtualenv
-(``/work/peervenv``, no Lightning) with ``PYTHONPATH`` pointing at the repository.
+Only numpy, torch and the Lightning-free parts of the package (``lightning_curvature.data``'s
+loaders, ``lightning_curvature.models``' networks) are imported, so a script also runs under the
+peer virtualenv (no Lightning) with ``PYTHONPATH`` pointing at the repository.
+
+Environment variables (documented in ``docs/benchmarks.md``):
+
+``LIGHTNING_CURVATURE_DATA``
+    Root folder with ``fashion-mnist/`` (and ``mnist/``) IDX files; the package's usual lookup
+    order applies (user cache, ``/usr/share/datasets``) when it is unset.
+``LIGHTNING_CURVATURE_PEER_PYTHON``
+    Interpreter of the peer virtualenv (PyHessian, curvlinops, devinterp, loss-landscapes);
+    default ``<repository>/.peervenv/bin/python``, which ``benchmarks/make_peer_venv.sh`` builds.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from lightning_curvature.data import ENV_VAR, load_tensors
+
 __all__ = [
+    "PEER_PYTHON",
+    "REPO",
     "data_root",
     "load_fashion_mnist",
     "median_seconds",
     "report_line",
 ]
 
-PEER_PYTHON = os.environ.get("LIGHTNING_CURVATURE_PEER_PYTHON", "/work/peervenv/bin/python")
+REPO = Path(__file__).resolve().parents[1]
+PEER_PYTHON = os.environ.get(
+    "LIGHTNING_CURVATURE_PEER_PYTHON", str(REPO / ".peervenv" / "bin" / "python")
+)
+_DATASETS = {"fashion-mnist": "fashion_mnist", "mnist": "mnist"}
 
 
-def data_root() -> Path:
-    """``$LIGHTNING_CURVATURE_DATA`` (default ``../shared/data`` next to the repository)."""
-    root = os.environ.get("LIGHTNING_CURVATURE_DATA")
-    if root:
-        return Path(root)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+def data_root() -> Path | None:
+    """``$LIGHTNING_CURVATURE_DATA`` if set (else the package's lookup order decides)."""
+    root = os.environ.get(ENV_VAR)
+    return Path(root) if root else None
 
 
 def load_fashion_mnist(
     split: str = "train", num: int | None = None, *, dataset: str = "fashion-mnist"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First ``num`` images ``(n, 1, 28, 28)`` and labels, read from the IDX ``.gz`` files.
+    """First ``num`` images ``(n, 1, 28, 28)`` and labels of an official split (file order).
 
-    Pixels are scaled to [0, 1] and standardized with the Fashion-MNIST training mean / std
-    (0.2860 / 0.3530); float32 images, int64 labels. ``dataset="mnist"`` reads MNIST instead.
+    Read, verified and normalized by :func:`lightning_curvature.data.load_tensors` (pixels in
+    [0, 1], standardized with the dataset's training mean / std, 0.2860 / 0.3530 for
+    Fashion-MNIST); float32 images, int64 labels. ``dataset="mnist"`` reads MNIST instead.
     """
-    prefix = {"train": "train", "test": "t10k"}[split]
-    root = data_root() / dataset
-    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8)
-    if num is not None:
-        images, labels = images[:num], labels[:num]
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = (x - 0.2860) / 0.3530
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return load_tensors(_DATASETS[dataset], split, num)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -2,15 +2,16 @@
 
 Usage (from the repository root)::
 
-    LIGHTNING_CURVATURE_DATA=../shared/data OMP_NUM_THREADS=2 PYTHONPATH=. \\
+    LIGHTNING_CURVATURE_DATA=<data root> OMP_NUM_THREADS=2 PYTHONPATH=. \\
         python benchmarks/engine.py [--models mlp lenet] [--seeds 20] [--skip-peer]
 
 Models: MLP 784-128-10 (ReLU) and LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, fc 120-84-10,
 ReLU, max pooling), each trained briefly (Adam, fixed seed) on 10,000 Fashion-MNIST images;
 curvature is measured on the first 2,048 training images, CPU, float32. Every figure is printed
 next to its target. PyHessian runs in a subprocess under the peer interpreter
-(``LIGHTNING_CURVATURE_PEER_PYTHON``, default ``/work/peervenv/bin/python``); this same file is its
-worker (``--peer-worker``), so both sides build identical models from the same state dict.
+(``LIGHTNING_CURVATURE_PEER_PYTHON``, default ``.peervenv/bin/python``, built by
+``benchmarks/make_peer_venv.sh``); this same file is its worker (``--peer-worker``), so both sides
+build identical models from the same state dict.
 """
 
 from __future__ import annotations
@@ -34,29 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import PEER_PYTHON, load_fashion_mnist, median_seconds, report_line  # noqa: E402
 
+from lightning_curvature.models import MLP, LeNet5  # noqa: E402
+
 NUM_MEASURE = 2048
 NUM_TRAIN = 10_000
 
 
-# -- models (defined here so the peer interpreter, without Lightning, builds the same ones) -------
+# -- models: the package's networks (importable without Lightning, so the peer interpreter builds
+# the very same modules; MLP(...).net is bit-identical to nn.Sequential(Flatten, Linear, ReLU,
+# Linear) under the same seed)
 def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-class LeNet5(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, 10),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    return MLP(hidden_sizes=[128]).net
 
 
 MODELS = {"mlp": make_mlp, "lenet": LeNet5}

@@ -16,16 +16,14 @@ For the MLP 784-128-10 and LeNet-5 this measures, in one process, medians of rep
 
 Run (about 10 minutes on 2 shared CPU cores)::
 
-    LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. \\
+    LIGHTNING_CURVATURE_DATA=<data root> PYTHONPATH=. \\
         python benchmarks/landscape.py [--models mlp lenet] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,23 +33,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import PEER_PYTHON  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from torch import nn
 
-PEER_PYTHON = os.environ.get("PEER_PYTHON", "/work/peervenv/bin/python")
+from lightning_curvature.data import DATASETS, load_split, pixels_to_unit  # noqa: E402
+from lightning_curvature.models import MLP, LeNet5  # noqa: E402
 
 
-# Defined here (not imported from lightning_curvature.models) so that the peer virtualenv, which
-# has no Lightning, can run this same file (``--peer-config``) and build the very same modules.
+# The package's networks (importable without Lightning), so the peer virtualenv running this same
+# file (``--peer-config``) builds the very same modules; flattened into one nn.Sequential whose
+# parameters are created in the same order (bit-identical to the former local definitions).
 def build_model(name: str) -> nn.Module:
     """MLP 784-128-10 or LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, 120, 84, 10)."""
     if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+        return MLP(hidden_sizes=[128]).net
     if name == "lenet":
-        return nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
-        )  # fmt: skip
+        lenet = LeNet5()
+        return nn.Sequential(*lenet.features, *lenet.classifier)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -99,15 +97,10 @@ def peer_main(config: Path) -> None:
 
 
 def load_fashion_mnist(num: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First ``num`` training images (scaled to [0, 1]) and labels, read from the IDX .gz files."""
-    root = Path(os.environ.get("LIGHTNING_CURVATURE_DATA", "/work/shared/data")) / "fashion-mnist"
-    with gzip.open(root / "train-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(root / "train-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
-    x = torch.from_numpy(images[:num].astype(np.float32) / 255.0)
-    y = torch.from_numpy(labels[:num].astype(np.int64))
-    return x, y
+    """First ``num`` training images (scaled to [0, 1], not standardized) and labels."""
+    images, labels = load_split(DATASETS["fashion_mnist"], "train", download=False)
+    x = pixels_to_unit(images[:num]).unsqueeze(1)
+    return x, torch.from_numpy(labels[:num].astype("int64"))
 
 
 def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> None:

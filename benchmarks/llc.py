@@ -6,7 +6,8 @@ at the trained weights with
 * ours (``estimate_llc``: chains advanced together with vmap; and the sequential fallback),
 * a plain hand-written SGLD loop (one chain after the other, autograd + in-place update),
 * devinterp 1.3.2 (``estimate_learning_coeff_with_summary`` with ``SGLD``), run in a subprocess
-  with the peer virtualenv (``/work/peervenv/bin/python``) on the same saved ``state_dict``,
+  with the peer virtualenv (``$LIGHTNING_CURVATURE_PEER_PYTHON``, see ``benchmarks/_common.py``)
+  on the same saved ``state_dict``,
 
 all with the same ε, γ, nβ = n/ln n, batch size 128, 4 chains × 200 draws, no burn-in, and the
 same L_n(w*) (the full training-set loss, passed to devinterp as ``init_loss``). Draw losses are
@@ -19,13 +20,12 @@ Every figure is printed next to its target. Timings are medians of repeats withi
 
 Run::
 
-    LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. /work/venv/bin/python benchmarks/llc.py
+    LIGHTNING_CURVATURE_DATA=<data root> PYTHONPATH=. python benchmarks/llc.py
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -37,25 +37,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import PEER_PYTHON  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
 from torch import nn
 
+from lightning_curvature.data import read_idx, resolve_split  # noqa: E402
+from lightning_curvature.data.sources import DATASETS  # noqa: E402
+from lightning_curvature.models import MLP  # noqa: E402
 from lightning_curvature.sampling import calibrate_sgld, default_nbeta, estimate_llc
 
-PEER_PYTHON = os.environ.get("PEER_PYTHON", "/work/peervenv/bin/python")
 
-
-def load_fashion_mnist_train(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    def read(name: str, offset: int) -> np.ndarray:
-        with gzip.open(root / "fashion-mnist" / name) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-    images = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784)
-    labels = read("train-labels-idx1-ubyte.gz", 8).astype(np.int64)
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+def load_fashion_mnist_train() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 60k training images as uint8 ``(N, 784)`` and int64 labels (package lookup, verified)."""
+    images, labels = (read_idx(p).array for p in
+                      resolve_split(DATASETS["fashion_mnist"], "train", download=False))
+    return torch.from_numpy(images.reshape(-1, 784)), torch.from_numpy(labels.astype(np.int64))
 
 
 def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    # The package's MLP without its Flatten: keys 0, 1, 2 as in the devinterp script below and
+    # parameters created in the same order (bit-identical to Sequential(Linear, ReLU, Linear)).
+    return nn.Sequential(*MLP(hidden_sizes=[128]).net[1:])
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> float:
@@ -168,8 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    root = Path(os.environ.get("LIGHTNING_CURVATURE_DATA", "/work/shared/data"))
-    x_u8, y = load_fashion_mnist_train(root)
+    x_u8, y = load_fashion_mnist_train()
     if args.samples is not None:
         x_u8, y = x_u8[: args.samples], y[: args.samples]
     x = x_u8.float() / 255.0

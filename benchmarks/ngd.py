@@ -31,7 +31,6 @@ first ten, is averaged over by timing >= 4 consecutive steps per repeat after a 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import resource
@@ -44,49 +43,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_curvature.data import load_tensors
+from lightning_curvature.models import MLP, LeNet5
 from lightning_curvature.optim import NGD, OnlineNGD
 
 BATCH = 128
 
 
-class LeNet5(nn.Module):
-    """Classic LeNet-5 for 28x28 inputs: conv 6@5x5 (pad 2) - pool - conv 16@5x5 - pool - 120-84-10.
-
-    Local until ``lightning_curvature.models`` lands.
-    """
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120),
-            nn.ReLU(),
-            nn.Linear(120, 84),
-            nn.ReLU(),
-            nn.Linear(84, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
 def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 256),
-        nn.ReLU(),
-        nn.Linear(256, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
+    # The package's network; MLP(...).net is nn.Sequential(Flatten, Linear, ReLU, ...) created in
+    # the same order as the former local definition (same weights under the same seed).
+    return MLP(hidden_sizes=[256, 256]).net
 
 
 MODELS = {"mlp": mlp, "lenet5": LeNet5}
@@ -148,13 +115,7 @@ def load_batches(num_batches: int, seed: int = 0) -> tuple[list[tuple[torch.Tens
     n = num_batches * BATCH
     if root:
         folder = Path(root) / "fashion-mnist"
-        with gzip.open(folder / "train-images-idx3-ubyte.gz", "rb") as f:
-            images = torch.frombuffer(bytearray(f.read()[16:]), dtype=torch.uint8)
-        with gzip.open(folder / "train-labels-idx1-ubyte.gz", "rb") as f:
-            labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8)
-        x = images.view(-1, 1, 28, 28)[:n].float() / 255.0
-        x = (x - 0.2860) / 0.3530
-        y = labels[:n].long()
+        x, y = load_tensors("fashion_mnist", "train", n, data_dir=folder)
         source = f"Fashion-MNIST training images ({folder})"
     else:
         g = torch.Generator().manual_seed(seed)

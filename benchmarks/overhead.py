@@ -18,7 +18,7 @@ stderr.
 
 Run (about 2 minutes, single-threaded)::
 
-    LIGHTNING_CURVATURE_DATA=/work/shared/data PYTHONPATH=. python benchmarks/overhead.py
+    LIGHTNING_CURVATURE_DATA=<data root> PYTHONPATH=. python benchmarks/overhead.py
 
 ``--train-subset N`` trains on N images only (a quick smoke run; overhead ratios then change).
 """

@@ -2,10 +2,20 @@
 
 >>> dm = MNISTDataModule("fashion_mnist", train_subset=5000)   # doctest: +SKIP
 >>> dm.setup("fit"); x, y = dm.train_tensors                    # doctest: +SKIP
+>>> x, y = load_tensors("fashion_mnist_sample", "test")         # doctest: +SKIP
+
+Only the data module needs Lightning: it (and the loaders next to it) is imported on first
+access, so ``from lightning_curvature.data import load_tensors, read_idx`` works without
+Lightning installed (the benchmarks' peer virtualenv).
 """
 
-from .datamodule import EpochShuffleSampler, MNISTDataModule, TensorBatchDataset
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .idx import IDXFile, IDXFormatError, encode_idx, parse_idx, read_idx
+from .packaged import sample_dir
 from .sources import (
     DATASETS,
     ENV_VAR,
@@ -13,10 +23,19 @@ from .sources import (
     DatasetSpec,
     FileSpec,
     cache_root,
+    check_values,
     load_split,
     resolve_split,
     search_dirs,
 )
+from .tensors import load_tensors, normalize, pixels_to_unit
+
+# name -> module of the names that import Lightning, loaded on first access (PEP 562).
+_LAZY = {
+    "EpochShuffleSampler": ".datamodule",
+    "MNISTDataModule": ".datamodule",
+    "TensorBatchDataset": ".datamodule",
+}
 
 __all__ = [
     "DATASETS",
@@ -30,10 +49,27 @@ __all__ = [
     "MNISTDataModule",
     "TensorBatchDataset",
     "cache_root",
+    "check_values",
     "encode_idx",
     "load_split",
+    "load_tensors",
+    "normalize",
     "parse_idx",
+    "pixels_to_unit",
     "read_idx",
     "resolve_split",
+    "sample_dir",
     "search_dirs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

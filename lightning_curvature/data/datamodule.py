@@ -3,8 +3,9 @@
 Images are scaled to [0, 1] and standardized with the training-set statistics
 ``x = (p / 255 - mean) / std`` (MNIST: mean 0.1307, std 0.3081; Fashion-MNIST: mean 0.2860,
 std 0.3530), shape ``(N, 1, 28, 28)`` float32; labels are int64.
-The 60k official training images are split once into train and validation by a seeded
-permutation (``val_size`` images for validation); the official 10k test split is the test set.
+The official training images (60k; 4k in the sample) are split once into train and validation
+by a seeded permutation (``val_size`` images for validation); the official test split is the
+test set.
 The shuffling order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from a
 checkpoint (or a split-run branch) sees exactly the batches an uninterrupted run would.
 """
@@ -19,12 +20,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from ..checks import check_bool, check_choice, check_int, check_seed
 from .sources import DATASETS, DatasetSpec, Downloader, load_split, resolve_split
+from .tensors import normalize
 
 __all__ = ["EpochShuffleSampler", "MNISTDataModule", "TensorBatchDataset"]
-
-_TRAIN_SIZE = 60000
-
 
 class TensorBatchDataset(TensorDataset):
     """A :class:`TensorDataset` that serves a whole batch by one tensor index.
@@ -69,7 +69,9 @@ class MNISTDataModule(pl.LightningDataModule):
 
     Parameters
     ----------
-    dataset : {"mnist", "fashion_mnist"}
+    dataset : {"mnist", "fashion_mnist", "fashion_mnist_sample"}
+        ``fashion_mnist_sample``: the 4,000 / 1,000-image sample shipped in the package
+        (:mod:`lightning_curvature.data.packaged`; works offline with no data folder).
     data_dir : str, optional
         Folder searched first (see :mod:`lightning_curvature.data.sources` for the lookup order:
         ``data_dir``, ``$LIGHTNING_CURVATURE_DATA``, the user cache, ``/usr/share/datasets``,
@@ -77,7 +79,8 @@ class MNISTDataModule(pl.LightningDataModule):
     batch_size : int
         Training and evaluation batch size.
     val_size : int
-        Images of the 60k training split held out for validation (0 disables validation).
+        Images of the official training split (60k; 4k for the sample) held out for
+        validation (0 disables validation).
     train_subset : int, optional
         Use only this many training images (the first of the seeded permutation after the
         validation images), e.g. for quick runs.
@@ -114,22 +117,19 @@ class MNISTDataModule(pl.LightningDataModule):
         test_subset: int | None = None,
     ) -> None:
         super().__init__()
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= val_size < _TRAIN_SIZE:
-            raise ValueError(f"val_size must be in [0, {_TRAIN_SIZE - 1}], got {val_size}")
-        if train_subset is not None and not 1 <= train_subset <= _TRAIN_SIZE - val_size:
-            raise ValueError(
-                f"train_subset must be in [1, {_TRAIN_SIZE - val_size}] (60000 - val_size) or "
-                f"None, got {train_subset}"
-            )
-        for name, value in (("val_subset", val_subset), ("test_subset", test_subset)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_choice("dataset", dataset, DATASETS)
+        train_size = DATASETS[dataset].train_size
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("val_size", val_size, minimum=0, maximum=train_size - 1)
+        # The upper bound is the dataset's training images minus the validation ones.
+        check_int("train_subset", train_subset, minimum=1, maximum=train_size - val_size,
+                  allow_none=True)  # fmt: skip
+        check_int("val_subset", val_subset, minimum=1, allow_none=True)
+        check_int("test_subset", test_subset, minimum=1, allow_none=True)
+        check_int("num_workers", num_workers, minimum=0)
+        check_seed("seed", seed)
+        check_bool("download", download)
+        check_bool("verify_checksums", verify_checksums)
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = data_dir
@@ -167,9 +167,7 @@ class MNISTDataModule(pl.LightningDataModule):
         )
 
     def _normalize(self, images, labels) -> tuple[Tensor, Tensor]:
-        x = torch.from_numpy(images).to(torch.float32).div_(255.0)
-        x = x.sub_(self.spec.mean).div_(self.spec.std).unsqueeze(1)
-        return x, torch.from_numpy(labels).to(torch.int64)
+        return normalize(images, labels, self.spec)
 
     def _splits_for(self, stage: str | None) -> list[str]:
         if stage in ("fit", "validate"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -74,7 +75,11 @@ def decompress(raw: bytes, name: str) -> bytes:
         raise IDXFormatError(f"{name}: corrupt or truncated gzip data ({err})") from err
 
 
-def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def _dim_word(n: int) -> str:
+    return f"{n} dimension" + ("" if n == 1 else "s")
+
+
+def parse_idx(data: bytes, name: str = "<bytes>", ndim: int | None = None) -> np.ndarray:
     """Parse decompressed IDX bytes into an array, checking magic number, dims and size.
 
     Parameters
@@ -83,24 +88,34 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         The decompressed IDX file contents.
     name : str
         Used in error messages (usually the file path).
+    ndim : int, optional
+        The number of dimensions the caller expects (1 for labels, 3 for images). Checked
+        against the header *before* the dimension sizes are read, so a file with a wrong magic
+        number is reported as such rather than as an absurdly large truncated file.
     """
     if len(data) < 4:
         raise IDXFormatError(f"{name}: file is {len(data)} bytes, too short for an IDX header")
-    zero, code, ndim = data[:2], data[2], data[3]
+    zero, code, header_ndim = data[:2], data[2], data[3]
     if zero != b"\x00\x00" or code not in _DTYPES:
         raise IDXFormatError(
             f"{name}: bad magic number 0x{data[:4].hex()} (expected 0x0000 followed by a dtype "
             f"code in {{{', '.join(hex(c) for c in _DTYPES)}}} and the number of dimensions); "
             "not an IDX file"
         )
-    if ndim == 0:
+    if header_ndim == 0:
         raise IDXFormatError(f"{name}: header declares 0 dimensions")
-    header = 4 + 4 * ndim
+    if ndim is not None and header_ndim != ndim:
+        raise IDXFormatError(
+            f"{name}: bad magic number 0x{data[:4].hex()}: expected {_dim_word(ndim)}, header "
+            f"says {header_ndim}"
+        )
+    header = 4 + 4 * header_ndim
     if len(data) < header:
         raise IDXFormatError(f"{name}: truncated header ({len(data)} bytes, need {header})")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=header_ndim, offset=4))
     dtype = _DTYPES[code]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a corrupt header must not overflow into a negative or wrapped size.
+    expected = header + math.prod(dims) * dtype.itemsize
     if len(data) < expected:
         raise IDXFormatError(
             f"{name}: truncated: header declares shape {dims} ({expected} bytes in all) but the "
@@ -115,15 +130,18 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
-def read_idx(path: str | os.PathLike[str]) -> IDXFile:
-    """Read an IDX file (gzip-compressed or raw) and return its array and decompressed digests."""
+def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> IDXFile:
+    """Read an IDX file (gzip-compressed or raw) and return its array and decompressed digests.
+
+    ``ndim``: the expected number of dimensions (see :func:`parse_idx`).
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise IDXFormatError(f"{path}: cannot read ({err})") from err
     data = decompress(raw, str(path))
-    array = parse_idx(data, str(path))
+    array = parse_idx(data, str(path), ndim=ndim)
     return IDXFile(
         array=array,
         sha256=hashlib.sha256(data).hexdigest(),

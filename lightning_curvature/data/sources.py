@@ -9,6 +9,10 @@ accepted, and each folder is also searched under the common sub-folder names):
 4. system dataset folders (``/usr/share/datasets``: Debian's ``dataset-fashion-mnist`` package),
 5. a download from the official mirrors into the user cache (when ``download=True``).
 
+``fashion_mnist_sample`` (4,000 training / 1,000 test images shipped inside the package, see
+:mod:`lightning_curvature.data.packaged`) is found after the same folders in the package itself,
+so it needs neither files nor network.
+
 Checksums are compared on the *decompressed* IDX bytes, so a recompressed copy (Debian ships one)
 is accepted and a corrupt one is not. Downloads go through an injectable ``downloader`` so tests
 never touch the network.
@@ -26,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .idx import IDXFile, IDXFormatError, decompress, parse_idx, read_idx
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "ENV_VAR",
     "SYSTEM_DATA_DIRS",
     "DatasetNotFoundError",
+    "check_values",
     "DatasetSpec",
     "Downloader",
     "FileSpec",
@@ -104,6 +111,13 @@ class DatasetSpec:
     mean: float
     std: float
     classes: tuple[str, ...] = field(default=tuple(str(i) for i in range(10)))
+    #: Folder inside this package that holds the files (searched last; the packaged sample).
+    packaged: str | None = None
+
+    @property
+    def train_size(self) -> int:
+        """Items of the official training split (what ``val_size`` is taken from)."""
+        return self.splits["train"][0].shape[0]
 
 
 def _pair(prefix: str, n: int, sums: dict[str, tuple[str | None, str | None]]):
@@ -153,6 +167,32 @@ _FASHION_SUMS = {
     ),
 }
 
+# The packaged sample (lightning_curvature/data/sample/fashion-mnist, written by
+# lightning_curvature.data.packaged from verified official files): sha256 / md5 of its
+# decompressed IDX bytes.
+_SAMPLE_SUMS = {
+    "train-images-idx3-ubyte": (
+        "09dd72e74aa8a76feaada262d167edcd489b57bc01d49240b1da1e0f2d395932",
+        "32119f0b0500dcf7602681f033e64233",
+    ),
+    "train-labels-idx1-ubyte": (
+        "bd16d103c66bdc7c4826aef758caccae538e9465d8c4fd0939db7bcb1891a702",
+        "b560ebc41477e8c613b5ac302015c400",
+    ),
+    "t10k-images-idx3-ubyte": (
+        "7a6d8e07ea021ec5bc73135ebd0a5770799557ec6f8242d8749c4f32a3cf4643",
+        "8a1b719f9f0735f54c6f9ef07f01fe5c",
+    ),
+    "t10k-labels-idx1-ubyte": (
+        "b40abac7ec8228f434940f579deb7cf7b6e3103b5274cb91d1545771f5ef1c8b",
+        "e27076c4666f2f7b7b7ba19675567282",
+    ),
+}
+_FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
 # Normalization: mean and std of the 60k training pixels scaled to [0, 1]. MNIST's are the
 # customary 0.1307 / 0.3081; Fashion-MNIST's were computed here from the training images.
 DATASETS: dict[str, DatasetSpec] = {
@@ -184,12 +224,24 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         mean=0.2860,
         std=0.3530,
-        classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-        ),
+        classes=_FASHION_CLASSES,
     ),
-}  # fmt: skip
+    # Normalized with the full training set's statistics, so a model trained on the sample sees
+    # inputs on the same scale as one trained on the full set.
+    "fashion_mnist_sample": DatasetSpec(
+        name="fashion_mnist_sample",
+        folder_names=("fashion-mnist-sample",),
+        splits={
+            "train": _pair("train", 4000, _SAMPLE_SUMS),
+            "test": _pair("t10k", 1000, _SAMPLE_SUMS),
+        },
+        mirrors=(),
+        mean=0.2860,
+        std=0.3530,
+        classes=_FASHION_CLASSES,
+        packaged="sample/fashion-mnist",
+    ),
+}
 
 
 def cache_root() -> Path:
@@ -213,6 +265,8 @@ def search_dirs(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None = Non
         if direct:
             dirs.append(root)
         dirs.extend(root / folder for folder in spec.folder_names)
+    if spec.packaged is not None:
+        dirs.append(Path(__file__).resolve().parent / spec.packaged)
     seen: set[Path] = set()
     return [d for d in dirs if not (d in seen or seen.add(d))]
 
@@ -245,7 +299,7 @@ def _download(
             raw = downloader(url, timeout)
             data = decompress(raw, url)
             idx = IDXFile(
-                parse_idx(data, url),
+                parse_idx(data, url, ndim=len(file.shape)),
                 hashlib.sha256(data).hexdigest(),
                 hashlib.md5(data).hexdigest(),
                 url,
@@ -272,7 +326,9 @@ def _not_found_message(
         f"{spec.name}: cannot find {', '.join(missing)} (as .gz or raw IDX). Looked in, in order:",
         *(f"  - {d}" for d in dirs),
     ]
-    if download:
+    if download and not spec.mirrors:
+        lines.append(f"{spec.name} has no download mirrors (it ships with the package).")
+    elif download:
         lines.append("Download from the official mirrors failed:")
         lines.extend(f"  - {e}" for e in errors) if errors else lines.append("  - (no attempt)")
     else:
@@ -365,17 +421,46 @@ def load_split(
     )
     arrays = []
     for f, path in zip(spec.splits[split], paths, strict=True):
-        idx = read_idx(path)
+        idx = read_idx(path, ndim=len(f.shape))
         f.check(idx, verify_checksum=verify_checksums)
         arrays.append(idx.array)
     images, labels = arrays
+    check_values(images, labels, paths, len(spec.classes))
+    return images, labels
+
+
+def check_values(images, labels, paths: Sequence[os.PathLike[str] | str], num_classes: int):
+    """Raise :class:`IDXFormatError` unless images and labels are usable together.
+
+    Images: ``uint8`` (pixels 0-255), another integer type with values in [0, 255], or floats
+    already scaled to [0, 1] (kept as they are by
+    :func:`~lightning_curvature.data.tensors.pixels_to_unit`). Labels: an integer type with
+    values in ``[0, num_classes - 1]``; as many as images. Matters for copies read with
+    ``verify_checksums=False``, whose contents nothing else vouches for.
+    """
+    image_path, label_path = (str(p) for p in paths)
     if images.shape[0] != labels.shape[0]:
         raise IDXFormatError(
-            f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels"
+            f"{image_path} has {images.shape[0]} images but {label_path} has {labels.shape[0]} "
+            "labels"
         )
-    num_classes = len(spec.classes)
-    if labels.size and int(labels.max()) >= num_classes:
+    if not np.issubdtype(labels.dtype, np.integer):
         raise IDXFormatError(
-            f"{paths[1]}: label {int(labels.max())} outside [0, {num_classes - 1}]"
+            f"{label_path}: labels must be integers, the file stores {labels.dtype}"
         )
-    return images, labels
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise IDXFormatError(f"{label_path}: label {bad} outside [0, {num_classes - 1}]")
+    if not images.size:
+        return
+    lo, hi = float(images.min()), float(images.max())
+    if np.issubdtype(images.dtype, np.floating):
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 <= lo and hi <= 1.0):
+            raise IDXFormatError(
+                f"{image_path}: float pixels must lie in [0, 1] (already scaled), found values "
+                f"in [{lo:g}, {hi:g}]"
+            )
+    elif lo < 0 or hi > 255:
+        raise IDXFormatError(
+            f"{image_path}: integer pixels must lie in [0, 255], found values in [{lo:g}, {hi:g}]"
+        )

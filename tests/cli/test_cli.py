@@ -1,8 +1,7 @@
-"""End-to-end CLI: fit, --print_config, split and report on a tiny synthetic dataset."""
+"""End-to-end CLI: fit, --print_config, split (overrides, no clobbering) on tiny synthetic data."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import subprocess
 import sys
@@ -10,33 +9,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from torch.utils.tensorboard import SummaryWriter
 
-from lightning_curvature.cli import CurvatureCLI, load_scalars, main, make_report, run_split
+from lightning_curvature.cli import (
+    CLIError,
+    CurvatureCLI,
+    load_scalars,
+    main,
+    make_report,
+    run_split,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_NGD = importlib.util.find_spec("lightning_curvature.optim.ngd") is not None
 
 
-_SUITE_NEEDS = {
-    "callbacks": ("HessianTrace", "HessianEigenvalues", "OptimizerMonitor", "CurvatureDashboard"),
-    "curvature": ("hutchpp_trace", "extreme_eigenpairs", "spectral_density"),
-    "sampling": ("estimate_llc",),
-    "landscape": ("loss_surface", "random_directions"),
-}
-
-
-def _importable(layer: str, names=()) -> bool:
-    try:
-        module = importlib.import_module(f"lightning_curvature.{layer}")
-    except ImportError:
-        return False
-    return all(hasattr(module, n) for n in names)
-
-
-def _callbacks_ready() -> bool:
-    """The callback suite and the engine functions it calls have landed."""
-    return all(_importable(layer, names) for layer, names in _SUITE_NEEDS.items())
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("lightning-curvature")]
 
 
 def test_fit_trains_logs_on_epoch_axis_and_saves_config(make_config, tmp_path):
@@ -60,7 +50,7 @@ def test_print_config_resolves_model_class_path(make_config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["lr"] == 0.3
     assert printed["model"]["model"]["init_args"]["hidden_sizes"] == [16]
-    assert printed["split"] is None
+    assert printed["split"]["split_epoch"] is None  # the typed section, defaults filled in
 
 
 def test_lenet_from_yaml(make_config):
@@ -88,127 +78,169 @@ def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp
     config = make_config("split", trainer={"max_epochs": 3}, split={"branches": branches})
     assert main(["split", "--config", config, "--split_epoch", "1"]) == 0
     root = tmp_path / "runs" / "split"
-    assert (root / "base" / "split_epoch=1.ckpt").is_file()
+    ckpt = root / "base" / "split_epoch=1.ckpt"
+    assert ckpt.is_file()
     runs = {name: load_scalars(root / name) for name in ["base", *branches]}
     assert runs["base"]["val/loss"][0] == [1.0]
     for name in branches:
         assert runs[name]["val/loss"][0] == [2.0, 3.0], name  # epoch axis continues from 1
-        assert (root / name / "config.yaml").is_file()
         assert "hp_metric" not in runs[name]  # the config's logger settings carry over
     # continued SGD equals an uninterrupted SGD run: same weights, same batches in the same order
     reference = _reference_val_losses(make_config, 3)
     assert runs["base"]["val/loss"][1][0] == pytest.approx(reference[0], rel=1e-6)
     assert runs["sgd"]["val/loss"][1] == pytest.approx(reference[1:], rel=1e-6)
     assert runs["sgd_lr2x"]["val/loss"][1][0] != pytest.approx(reference[1], rel=1e-3)
+    # stored with the runs: each resolved config, the split epoch, the base checkpoint
     saved = yaml.safe_load((root / "sgd_lr2x" / "config.yaml").read_text())
     assert saved["model"]["lr"] == 0.2 and saved["model"]["restore_optimizer_state"] is False
+    hparams = yaml.safe_load((root / "sgd_lr2x" / "hparams.yaml").read_text())
+    assert hparams["lr"] == 0.2 and hparams["restore_optimizer_state"] is False
+    assert saved["split"]["split_epoch"] == 1 and saved["trainer"]["max_epochs"] == 3
+    base_saved = yaml.safe_load((root / "base" / "config.yaml").read_text())
+    assert base_saved["trainer"]["max_epochs"] == 1 and base_saved["model"]["optimizer"] == "sgd"
+    manifest = yaml.safe_load((root / "split.yaml").read_text())
+    assert manifest["split_epoch"] == 1 and manifest["base_checkpoint"] == str(ckpt)
+    assert set(manifest["runs"]) == {"base", *branches}
+    assert Path(manifest["runs"]["sgd"]["final_checkpoint"]).is_file()
     if HAS_NGD:
         assert runs["ngd"]["ngd/kappa"][0] == [2.0, 3.0]
         assert "ngd/kappa" not in runs["sgd"]
-    # report over the split: one PNG and one table row per run
+    # report over the split: one PNG and one table row per run; cells carry their epoch
     png, markdown = make_report(root)
     assert png.is_file() and png.stat().st_size > 10_000
     rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
     assert sorted(r.split("|")[1].strip() for r in rows) == sorted(["base", *branches])
     sgd_row = next(r for r in rows if r.startswith("| sgd |"))
-    assert sgd_row.split("|")[2].strip() == "3"
-    assert f"{runs['sgd']['val/loss'][1][-1]:.4g}" in sgd_row
+    assert f"{runs['sgd']['val/loss'][1][-1]:.4g} (e3)" in sgd_row
+
+
+def test_split_honours_overrides_of_save_dir_name_data_and_callbacks(make_config, tmp_path):
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"filename": "yaml-{epoch}", "save_top_k": -1}}]  # fmt: skip
+    config = make_config("ovr", callbacks=callbacks, trainer={"max_epochs": 2},
+                         split={"split_epoch": 1, "branches": {"sgd": {}, "fast": {"lr": 0.3}}})
+    elsewhere = tmp_path / "elsewhere"
+    args = ["split", "--config", config,
+            f"--trainer.logger.init_args.save_dir={elsewhere}",
+            "--trainer.logger.init_args.name=renamed",
+            "--trainer.logger.init_args.version=seed3",
+            "--trainer.callbacks.init_args.filename=cli-{epoch}",
+            "--data.train_subset=64", "--data.batch_size=16"]  # fmt: skip
+    assert main(args) == 0
+    root = elsewhere / "renamed" / "seed3"
+    assert not (tmp_path / "runs").exists()  # nothing where the YAML pointed
+    for run, epochs in (("base", [1]), ("sgd", [2]), ("fast", [2])):
+        saved = yaml.safe_load((root / run / "config.yaml").read_text())
+        assert saved["data"]["train_subset"] == 64 and saved["data"]["batch_size"] == 16, run
+        logger = saved["trainer"]["logger"]["init_args"]
+        assert logger["save_dir"] == str(elsewhere) and logger["version"] == f"seed3/{run}"
+        ckpts = sorted(p.name for p in (root / run / "checkpoints").iterdir())
+        assert ckpts == [f"cli-epoch={e - 1}.ckpt" for e in epochs], run  # callback override
+        # 64 images in batches of 16: 4 optimizer steps per epoch
+        assert load_scalars(root / run)["val/loss"][0] == [float(e) for e in epochs]
+    state = __import__("torch").load(root / "sgd" / "checkpoints" / "cli-epoch=1.ckpt",
+                                     weights_only=False)  # fmt: skip
+    assert state["global_step"] == 8
+    assert yaml.safe_load((root / "fast" / "config.yaml").read_text())["model"]["lr"] == 0.3
+
+
+def test_split_refuses_to_overwrite_and_reuses_only_a_matching_base(make_config, tmp_path,
+                                                                    capsys):  # fmt: skip
+    config = make_config("again", trainer={"max_epochs": 2},
+                         split={"split_epoch": 1, "branches": {"sgd": {}}})  # fmt: skip
+    assert main(["split", "--config", config]) == 0
+    root = tmp_path / "runs" / "again"
+    ckpt = root / "base" / "split_epoch=1.ckpt"
+    before = ckpt.read_bytes()
+    events = sorted(p.name for p in (root / "sgd").glob("events.*"))
+    capsys.readouterr()
+    assert main(["split", "--config", config, "--seed_everything=5"]) == 2
+    (line,) = _error_lines(capsys)
+    assert "already exists" in line and "--overwrite" in line
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in (root / "sgd").glob("events.*")) == events
+    # reuse: a base with another config is refused; the matching one is kept, a branch added
+    assert main(["split", "--config", config, "--reuse_base", "--model.lr=0.5",
+                 "--branches=sgd"]) == 2  # fmt: skip
+    assert "differs" in _error_lines(capsys)[0]
+    with pytest.raises(CLIError, match="already exists"):
+        run_split(config, reuse_base=True)  # the sgd branch is there already
+    config2 = make_config("again", trainer={"max_epochs": 2},
+                          split={"split_epoch": 1, "branches": {"sgd": {}, "hot": {"lr": 1.0}}})
+    runs = run_split(config2, reuse_base=True, branches=["hot"])
+    assert set(runs) == {"base", "hot"} and ckpt.read_bytes() == before
+    assert load_scalars(root / "hot")["val/loss"][0] == [2.0]
+    manifest = yaml.safe_load((root / "split.yaml").read_text())
+    assert manifest["runs"]["base"]["reused"] is True and {"sgd", "hot"} <= set(manifest["runs"])
+    # --overwrite replaces the runs (fresh event files, no appended second run)
+    assert main(["split", "--config", config, "--overwrite"]) == 0
+    assert len(list((root / "sgd").glob("events.*"))) == 1
+    assert load_scalars(root / "sgd")["val/loss"][0] == [2.0]
+
+
+def test_split_print_config_prints_the_resolved_split(make_config, tmp_path, capsys):
+    config = make_config("printed_split", trainer={"max_epochs": 4},
+                         split={"split_epoch": 2, "branches": {"ngd": {"optimizer": "ngd"}}})
+    with pytest.raises(SystemExit) as info:
+        main(["split", "--config", config, "--split_epoch=3", "--model.lr=0.02",
+              f"--trainer.logger.init_args.save_dir={tmp_path / 'x'}", "--print_config"])
+    assert info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["split_epoch"] == 3 and printed["split"]["branches"] == {
+        "ngd": {"optimizer": "ngd"}}  # fmt: skip
+    assert printed["model"]["lr"] == 0.02
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(
-    ("section", "match"),
-    [({"split_epoch": 0}, "split_epoch"),
-     ({"split_epoch": 2}, "max_epochs"),
-     ({"split_epoch": 1, "branches": {"sgd": {"learning_rate": 1}}}, "learning_rate"),
-     ({"split_epoch": 1, "base": {"optimizer": "ngd"}}, "base"),
-     ({"split_epoch": 1, "branches": {"base": {}}}, "base")],
+    ("args", "section", "match"),
+    [([], {"split_epoch": 0}, "split_epoch must be an integer >= 1"),
+     ([], {"split_epoch": 2}, r"max_epochs \(2\) must exceed split_epoch \(2\)"),
+     (["--split_epoch=5"], {}, "must exceed split_epoch"),
+     ([], {"split_epoch": 1, "branches": {"sgd": {"learning_rate": 1}}}, "learning_rate"),
+     ([], {"split_epoch": 1, "base": {"optimizer": "ngd"}}, "base"),
+     ([], {"split_epoch": 1, "branches": {"base": {}}}, "base"),
+     (["--branches=sgd,nope"], {"split_epoch": 1, "branches": {"sgd": {}}}, "unknown branch nope")],
 )  # fmt: skip
-def test_split_rejects_bad_settings(make_config, section, match):
+def test_split_user_errors_are_one_line(make_config, tmp_path, capsys, args, section, match):
     config = make_config("bad", trainer={"max_epochs": 2}, split=section)
-    with pytest.raises(ValueError, match=match):
-        run_split(config)
+    capsys.readouterr()
+    assert main(["split", "--config", config, *args]) == 2
+    (line,) = _error_lines(capsys)
+    assert pytest.importorskip("re").search(match, line), line
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
-def test_report_on_handwritten_event_files(tmp_path):
-    logdir = tmp_path / "logs"
-    for name, offset in (("a", 0.0), ("b", 1.0)):
-        writer = SummaryWriter(str(logdir / name))
-        for epoch in range(4):
-            writer.add_scalar("llc/lambda_hat", 10 + offset + epoch, epoch)
-            writer.add_scalar("llc/lambda_hat_std", 0.5, epoch)
-            writer.add_scalar("curvature/trace", 100 * (1 + offset), epoch)
-            writer.add_scalar("curvature/trace_stderr", 2.0, epoch)
-            writer.add_scalar("curvature/lambda_max", 7.0, epoch)
-            writer.add_scalar("curvature/lambda_min", -0.25, epoch)
-            writer.add_scalar("val/loss", 1.0 / (epoch + 1), epoch)
-        writer.add_scalar("val/loss", 0.125, 2)  # a rewritten step: the last value wins
-        writer.close()
-    (logdir / "c").symlink_to(logdir / "a", target_is_directory=True)  # linked runs count too
-    png, markdown = make_report(logdir, output=tmp_path / "r.png", table=tmp_path / "r.md")
-    assert png == tmp_path / "r.png" and png.is_file()
-    assert (tmp_path / "r.md").read_text() == markdown
-    row_b = next(line for line in markdown.splitlines() if line.startswith("| b |"))
-    cells = [c.strip() for c in row_b.split("|")[1:-1]]
-    assert cells[:4] == ["b", "3", "14 ± 0.5", "–"]  # run, epoch, λ̂ ± std, no WBIC logged
-    assert cells[4] == "200 ± 2" and cells[5] == "7" and cells[6] == "-0.25"
-    assert load_scalars(logdir / "a")["val/loss"][1][2] == 0.125
-    labels = [line.split("|")[1].strip() for line in markdown.splitlines()[2:]]
-    assert labels == ["a", "b", "c"]
-
-
-def test_report_without_runs_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
-        make_report(tmp_path)
-
-
-def test_help_and_unknown_command(capsys):
-    assert main([]) == 0
+def test_no_arguments_help_and_unknown_command(capsys):
+    assert main([]) == 2
+    assert "usage: lightning-curvature" in capsys.readouterr().err
+    assert main(["--help"]) == 0
     assert "split" in capsys.readouterr().out
     assert main(["frobnicate"]) == 2
 
 
-def test_module_entry_point():
+def test_console_entry_point_without_arguments_exits_nonzero():
+    result = subprocess.run([sys.executable, "-m", "lightning_curvature"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "usage" in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_curvature", "--help"],
+        [sys.executable, "-m", "lightning_curvature", "report", str(ROOT / "no-such-dir")],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "report" in result.stdout
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"lightning-curvature report: error: {ROOT / 'no-such-dir'}: no such directory"]
 
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in CONFIGS])
 def test_shipped_configs_parse(path, capsys):
-    text = path.read_text()
-    if "lightning_curvature.callbacks" in text and not _importable(
-        "callbacks", _SUITE_NEEDS["callbacks"]
-    ):
-        pytest.skip("callbacks not available yet")
+    command = "split" if "split" in yaml.safe_load(path.read_text()) else "fit"
     with pytest.raises(SystemExit) as info:
-        main(["fit", "--config", str(path), "--print_config"])
+        main([command, "--config", str(path), "--print_config"])
     assert info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["data"]["dataset"] in ("mnist", "fashion_mnist")
-
-
-@pytest.mark.skipif(not _callbacks_ready(), reason="callbacks / engine not available yet")
-def test_fit_with_callbacks_logs_curvature(make_config, tmp_path):
-    callbacks = [
-        {"class_path": "lightning_curvature.callbacks.HessianTrace",
-         "init_args": {"num_samples": 64, "num_matvecs": 6, "measure_on_train_start": True}},
-        {"class_path": "lightning_curvature.callbacks.HessianEigenvalues",
-         "init_args": {"num_samples": 64, "max_iters": 30}},
-        {"class_path": "lightning_curvature.callbacks.OptimizerMonitor"},
-    ]  # fmt: skip
-    config = make_config("cb", callbacks=callbacks)
-    assert main(["fit", "--config", config]) == 0
-    scalars = load_scalars(tmp_path / "runs" / "cb" / "version_0")
-    assert scalars["curvature/trace"][0] == [0.0, 1.0, 2.0]
-    # the eigenvalue callback may skip an epoch it could not resolve; what it logs is on this axis
-    assert scalars["curvature/lambda_max"][0] and set(scalars["curvature/lambda_max"][0]) <= {1, 2}
-    assert scalars["optim/update_norm"][0] == [1.0, 2.0]
-    assert scalars["val/loss"][0] == [1.0, 2.0]  # same axis as the callbacks
-    png, _ = make_report(tmp_path / "runs" / "cb")
-    assert png.is_file()
+    assert printed["data"]["dataset"] in ("mnist", "fashion_mnist", "fashion_mnist_sample")

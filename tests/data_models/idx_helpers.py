@@ -13,7 +13,12 @@ from lightning_curvature.data import sources
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX encoding written independently of the package (header + big-endian payload)."""
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+    codes = {
+        np.dtype(np.uint8): 0x08,
+        np.dtype(np.int8): 0x09,
+        np.dtype(np.int32): 0x0C,
+        np.dtype(np.float32): 0x0D,
+    }
     code = codes[array.dtype]
     header = bytes([0, 0, code, array.ndim]) + b"".join(
         int(d).to_bytes(4, "big") for d in array.shape

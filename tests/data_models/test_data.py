@@ -366,3 +366,130 @@ def test_interrupted_transfer_falls_back_to_next_mirror(isolated_lookup):
 
     images, _ = load_split(spec, "test", downloader=flaky)
     assert images.shape == (20, 28, 28)
+
+
+# ------------------------------------------------------------------ edge cases of modified copies
+def _write(folder: Path, name: str, array: np.ndarray) -> Path:
+    path = folder / f"{name}.gz"
+    path.write_bytes(gzip.compress(idx_bytes(array), mtime=0))
+    return path
+
+
+def test_float_images_in_unit_interval_are_not_rescaled(isolated_lookup):
+    folder = isolated_lookup / "d"
+    write_dataset(folder, n_train=30, n_test=20)
+    raw, _ = make_split(20, seed=1)  # the test split's images as written by write_dataset
+    unit = (raw.astype(np.float32) / 255.0).astype(np.float32)
+    _write(folder, "t10k-images-idx3-ubyte", unit)
+    dm = MNISTDataModule("fashion_mnist", data_dir=str(folder), val_size=10, download=False,
+                         verify_checksums=False)  # fmt: skip
+    dm.setup("test")
+    x, _ = dm.test_tensors
+    # reference: the documented formula on the uint8 pixels, computed here
+    expected = (torch.from_numpy(raw).double() / 255.0 - 0.2860) / 0.3530
+    torch.testing.assert_close(x.squeeze(1).double(), expected, rtol=0, atol=1e-5)
+
+
+def test_float_images_outside_unit_interval_are_refused(isolated_lookup):
+    folder = isolated_lookup / "d"
+    write_dataset(folder, n_train=30, n_test=20)
+    raw, _ = make_split(20, seed=1)
+    path = _write(folder, "t10k-images-idx3-ubyte", raw.astype(np.float32))  # 0..255 floats
+    with pytest.raises(IDXFormatError, match=r"\[0, 1\]") as info:
+        load_split(DATASETS["fashion_mnist"], "test", data_dir=folder, download=False,
+                   verify_checksums=False)  # fmt: skip
+    assert str(path) in str(info.value)
+
+
+def test_negative_labels_are_refused(isolated_lookup):
+    folder = isolated_lookup / "d"
+    write_dataset(folder, n_train=30, n_test=20)
+    labels = (np.arange(20) % 10).astype(np.int32)
+    labels[3] = -1
+    path = _write(folder, "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(IDXFormatError, match=r"label -1 outside \[0, 9\]") as info:
+        load_split(DATASETS["fashion_mnist"], "test", data_dir=folder, download=False,
+                   verify_checksums=False)  # fmt: skip
+    assert str(path) in str(info.value)
+
+
+def test_wrong_magic_number_names_expected_dimensions(isolated_lookup):
+    folder = isolated_lookup / "d"
+    write_dataset(folder, n_train=30, n_test=20)
+    labels = (np.arange(20) % 10).astype(np.uint8)
+    data = bytearray(idx_bytes(labels))
+    data[3] = 7  # magic 0x00000807: "7 dimensions"; the bytes after it are labels, not sizes
+    path = folder / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes(data), mtime=0))
+    with pytest.raises(IDXFormatError, match="expected 1 dimension, header says 7") as info:
+        load_split(DATASETS["fashion_mnist"], "test", data_dir=folder, download=False,
+                   verify_checksums=False)  # fmt: skip
+    assert str(path) in str(info.value)
+    assert "truncated" not in str(info.value)
+    # images read as labels: 3 dimensions where 1 is expected
+    with pytest.raises(IDXFormatError, match="expected 1 dimension, header says 3"):
+        read_idx(folder / "t10k-images-idx3-ubyte.gz", ndim=1)
+
+
+# ------------------------------------------------------------------------ the packaged sample
+def test_packaged_sample_is_real_fashion_mnist_and_loads_offline(isolated_lookup):
+    from lightning_curvature.data import load_tensors, sample_dir
+
+    folder = sample_dir()
+    assert (folder / "LICENSE").read_text().count("Zalando SE") == 1
+    assert sum(p.stat().st_size for p in folder.glob("*.gz")) < 3_000_000
+    spec = DATASETS["fashion_mnist_sample"]
+    images, labels = load_split(spec, "train", download=False)  # nothing else on the path
+    assert images.shape == (4000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels, minlength=10).min() > 300  # all ten classes, roughly balanced
+    x, y = load_tensors("fashion_mnist_sample", "test", 100)
+    assert x.shape == (100, 1, 28, 28) and y.dtype == torch.int64
+    if REAL_DATA and (Path(REAL_DATA) / "fashion-mnist").is_dir():
+        # the first items of the official files, bit for bit
+        full = read_idx(Path(REAL_DATA) / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").array
+        np.testing.assert_array_equal(
+            load_split(spec, "test", download=False)[0], full[:1000]
+        )
+    dm = MNISTDataModule("fashion_mnist_sample", val_size=1000, batch_size=500)
+    dm.setup("fit")
+    assert dm.train_tensors[0].shape[0] == 3000 and dm.val_tensors[0].shape[0] == 1000
+    with pytest.raises(ValueError, match="val_size"):
+        MNISTDataModule("fashion_mnist_sample", val_size=4000)
+
+
+# ---------------------------------------------------------------- importable without Lightning
+_BLOCK_LIGHTNING = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+            raise ImportError(f"blocked import of {name}")
+        return None
+
+sys.meta_path.insert(0, Block())
+from lightning_curvature.data import load_tensors, read_idx, DATASETS
+from lightning_curvature.models import MLP, LeNet5
+x, y = load_tensors("fashion_mnist_sample", "test", 8)
+assert MLP(hidden_sizes=[4])(x).shape == (8, 10)
+assert LeNet5()(x).shape == (8, 10)
+try:
+    from lightning_curvature.models import ImageClassifier
+except ImportError as err:
+    assert "blocked" in str(err), err
+else:
+    raise AssertionError("the blocker did not block Lightning")
+print("ok")
+"""
+
+
+def test_data_and_networks_import_without_lightning():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LIGHTNING_CURVATURE_DATA", None)
+    result = subprocess.run([sys.executable, "-c", _BLOCK_LIGHTNING], capture_output=True,
+                            text=True, cwd=root, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
