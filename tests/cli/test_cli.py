@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +20,6 @@ from lightning_curvature.cli import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-HAS_NGD = importlib.util.find_spec("lightning_curvature.optim.ngd") is not None
 
 
 def _error_lines(capsys) -> list[str]:
@@ -72,10 +71,16 @@ def _reference_val_losses(make_config, epochs: int) -> list[float]:
 
 
 def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp_path):
-    branches = {"sgd": {"optimizer": "sgd"}, "sgd_lr2x": {"optimizer": "sgd", "lr": 0.2}}
-    if HAS_NGD:
-        branches["ngd"] = {"optimizer": "ngd", "lr": 0.05, "alpha": 0.1, "eps": 1e-8}
-    config = make_config("split", trainer={"max_epochs": 3}, split={"branches": branches})
+    branches = {
+        "sgd": {"optimizer": "sgd"},
+        "sgd_lr2x": {"optimizer": "sgd", "lr": 0.2},
+        "ngd": {"optimizer": "ngd", "lr": 0.05, "alpha": 0.1, "eps": 1e-8},
+        "online_ngd": {"optimizer": "online_ngd", "lr": 0.05, "alpha": 0.01},
+    }
+    monitor = [{"class_path": "lightning_curvature.callbacks.OptimizerMonitor"}]
+    config = make_config(
+        "split", callbacks=monitor, trainer={"max_epochs": 3}, split={"branches": branches}
+    )
     assert main(["split", "--config", config, "--split_epoch", "1"]) == 0
     root = tmp_path / "runs" / "split"
     ckpt = root / "base" / "split_epoch=1.ckpt"
@@ -102,9 +107,9 @@ def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp
     assert manifest["split_epoch"] == 1 and manifest["base_checkpoint"] == str(ckpt)
     assert set(manifest["runs"]) == {"base", *branches}
     assert Path(manifest["runs"]["sgd"]["final_checkpoint"]).is_file()
-    if HAS_NGD:
-        assert runs["ngd"]["ngd/kappa"][0] == [2.0, 3.0]
-        assert "ngd/kappa" not in runs["sgd"]
+    for name in ("ngd", "online_ngd"):
+        assert runs[name]["ngd/kappa"][0] == [2.0, 3.0], name
+    assert "ngd/kappa" not in runs["sgd"]
     # report over the split: one PNG and one table row per run; cells carry their epoch
     png, markdown = make_report(root)
     assert png.is_file() and png.stat().st_size > 10_000
@@ -208,7 +213,7 @@ def test_split_user_errors_are_one_line(make_config, tmp_path, capsys, args, sec
     capsys.readouterr()
     assert main(["split", "--config", config, *args]) == 2
     (line,) = _error_lines(capsys)
-    assert pytest.importorskip("re").search(match, line), line
+    assert re.search(match, line), line
     assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
