@@ -382,6 +382,9 @@ def make_report(
     table = Path(table) if table is not None else logdir / "report.md"
     labels = [r.relative_to(logdir).as_posix() if r != logdir else r.name for r in runs]
     data = [load_scalars(r) for r in runs]
+    # A split's branch comparison (``split/*`` tags only) is not a training run.
+    keep = [i for i, d in enumerate(data) if not d or not all(t.startswith("split/") for t in d)]
+    labels, data = [labels[i] for i in keep], [data[i] for i in keep]
     arms = {arm: [data[i] for i in idx] for arm, idx in group_seeds(labels).items()}
 
     fig = Figure(figsize=(15, 8.5), layout="constrained")

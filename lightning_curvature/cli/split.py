@@ -25,6 +25,7 @@ run would.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch import seed_everything
@@ -48,22 +50,76 @@ _RUN_OPTIONS = ("split_epoch", "branches", "reuse_base", "overwrite")
 MANIFEST = "split.yaml"
 
 
-def compare_branch_networks(networks: Mapping[str, nn.Module], split_dir: Path) -> None:
-    """Hook called once after every branch of a split has finished; does nothing yet.
+#: Training samples (the first ones, a fixed set) on which the branch comparison evaluates the
+#: linear-path losses.
+COMPARISON_SAMPLES = 2048
+
+
+def compare_branch_networks(
+    networks: Mapping[str, nn.Module],
+    split_dir: Path,
+    *,
+    loss_fn: Any = None,
+    data: tuple[Any, Any] | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """Compare every pair of split networks up to permutation of hidden units (seed 003).
+
+    For each pair ``a < b`` (in the order given: the base first, then the branches) it computes
+    Φ naive, Φ after weight matching of ``b``'s units to ``a``'s, and the loss barrier along the
+    linear path after alignment (:func:`lightning_curvature.permutation.compare_networks`), and
+    writes them as ``split/phi/<a>_<b>``, ``split/phi_naive/<a>_<b>``, ``split/barrier/<a>_<b>``
+    to ``<split_dir>/comparison`` (TensorBoard, x = ``step``) and ``<split_dir>/comparison.yaml``.
+
+    A model the permutation package cannot describe (no MLP/LeNet5/plain chain) or fewer than two
+    networks: a warning, nothing written; the finished runs are never put at risk.
 
     Parameters
     ----------
     networks : mapping
-        Branch name -> the trained ``torch.nn.Module`` of that branch
-        (``ImageClassifier.model``, on the device it trained on).
+        Run name -> trained ``torch.nn.Module`` (``ImageClassifier.model``). Not modified.
     split_dir : Path
         The split's folder (holds ``split.yaml`` and the run folders).
+    loss_fn, data :
+        Loss ``loss_fn(outputs, targets)`` and ``(inputs, targets)`` for the path losses; without
+        either, nothing is compared (the barrier needs a loss on data).
+    step : int
+        x-axis value of the logged scalars (the branches' final epoch).
 
-    Notes
-    -----
-    The place for comparisons between branch networks, e.g. weight-space distance after
-    permutation alignment (``lightning_curvature.permutation``) written to ``split_dir``.
+    Returns
+    -------
+    dict
+        The logged scalars (empty when the comparison was skipped).
     """
+    from lightning_curvature.permutation import compare_networks, comparison_scalars
+
+    if len(networks) < 2 or loss_fn is None or data is None:
+        return {}
+    try:
+        result = compare_networks(dict(networks), loss_fn, data)
+    except (ValueError, TypeError) as err:
+        warnings.warn(f"split: branch networks not compared ({err})", stacklevel=2)
+        return {}
+    scalars = comparison_scalars(result, prefix="split")
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(split_dir) / "comparison"
+    with SummaryWriter(str(out)) as writer:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+    per_layer = {
+        f"{p.a}_{p.b}": {
+            "phi_naive": float(p.phi_naive.overall),
+            "phi_aligned": float(p.phi_aligned.overall),
+            "barrier_aligned": float(p.path_aligned.barrier),
+            "barrier_naive": None if p.path_naive is None else float(p.path_naive.barrier),
+        }
+        for p in result.pairs
+    }
+    (Path(split_dir) / "comparison.yaml").write_text(
+        yaml.safe_dump({"step": step, "pairs": per_layer}, sort_keys=False)
+    )
+    return scalars
 
 
 @dataclass
@@ -269,6 +325,27 @@ class SplitCLI(CurvatureCLI):
                                      "config": str(run.log_dir / "config.yaml"), **done[run.name]}
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))  # fmt: skip
 
+    def _compare(self, networks: dict[str, nn.Module]) -> None:
+        """The base network (from its checkpoint) and every branch, compared up to permutation."""
+        if not networks:
+            return
+        first = next(iter(networks.values()))
+        base = copy.deepcopy(first)
+        state = torch.load(str(self.base_checkpoint), map_location="cpu", weights_only=False)
+        prefix = "model."
+        base.load_state_dict(
+            {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        )
+        train = getattr(self.datamodule, "train_tensors", None)
+        data = None if train is None else tuple(t[:COMPARISON_SAMPLES] for t in train)
+        compare_branch_networks(
+            {"base": base, **networks},
+            self.split_dir,
+            loss_fn=getattr(self.model, "loss_fn", None),
+            data=data,
+            step=int(self.trainer.current_epoch),
+        )
+
     def run(self) -> dict[str, str]:
         """Run base (unless reused) and every branch; return ``{run name: log dir}``."""
         runs = self.plan()
@@ -293,7 +370,7 @@ class SplitCLI(CurvatureCLI):
                 networks[run.name] = self.model.model
             self.split_dir.mkdir(parents=True, exist_ok=True)
             self._write_manifest(runs, done)
-        compare_branch_networks(networks, self.split_dir)
+        self._compare(networks)
         return {run.name: str(run.log_dir) for run in runs}
 
 

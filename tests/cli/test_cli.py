@@ -110,6 +110,18 @@ def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp
     for name in ("ngd", "online_ngd"):
         assert runs[name]["ngd/kappa"][0] == [2.0, 3.0], name
     assert "ngd/kappa" not in runs["sgd"]
+    # every pair of networks compared up to permutation (seed 003), logged at the final epoch
+    comparison = load_scalars(root / "comparison")
+    pairs = yaml.safe_load((root / "comparison.yaml").read_text())["pairs"]
+    names = ["base", *branches]
+    assert len(pairs) == len(names) * (len(names) - 1) // 2
+    assert {frozenset(k.split("_", 1)) for k in pairs if k.startswith("base_")} == {
+        frozenset(("base", b)) for b in branches
+    }
+    for key, values in pairs.items():
+        assert comparison[f"split/phi/{key}"] == ([3.0], [pytest.approx(values["phi_aligned"])])
+        assert 0.0 <= values["phi_aligned"] <= values["phi_naive"] + 1e-9, key
+        assert values["barrier_aligned"] >= 0.0
     # report over the split: one PNG and one table row per run; cells carry their epoch
     png, markdown = make_report(root)
     assert png.is_file() and png.stat().st_size > 10_000
