@@ -190,11 +190,15 @@ def parallel_lanczos(
     eps = torch.finfo(op.dtype).eps
     active = list(range(runs))
     for j in range(k_max):
-        idx = torch.tensor(active, device=op.device)
-        basis[idx, j] = q
+        if len(active) == runs:  # a view while every run goes on (no copy of the bases)
+            basis[:, j] = q
+            local = basis[:, : j + 1]
+        else:
+            idx = torch.tensor(active, device=op.device)
+            basis[idx, j] = q
+            local = basis[idx, : j + 1]  # (a, j+1, dim)
         w = op.matmat(q.T.contiguous()).T  # (len(active), dim)
         alpha = (q.to(torch.float64) * w.to(torch.float64)).sum(dim=1).cpu()
-        local = basis[idx, : j + 1]  # (a, j+1, dim)
         for _ in range(2):  # "twice is enough", per run against its own basis
             h = torch.bmm(local, w[:, :, None])  # (a, j+1, 1)
             w = w - torch.bmm(local.transpose(1, 2), h)[:, :, 0]
