@@ -38,6 +38,12 @@ ROUTE_PROBE_SAMPLES = 256
 ROUTE_PROBE_COLUMNS = 8
 
 
+#: Block routes measured in this process, keyed by :meth:`ModelCurvatureOperator._route_key`:
+#: an operator rebuilt at the next epoch (same model, shapes, device) reuses the decision, so
+#: the route is measured once per process and stays the same from one measurement to the next.
+_ROUTE_CACHE: dict[tuple, tuple[bool, dict[str, float]]] = {}
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -148,7 +154,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         a sub-batch of at most ``ROUTE_PROBE_SAMPLES`` samples of the first batch with
         ``ROUTE_PROBE_COLUMNS`` columns (about ``4 x 8 x 256 / N`` products' worth of work) and
         keeps the faster; the choice and its timings are recorded in :attr:`block_route` and
-        :attr:`route_seconds`. A single column always takes the plain route.
+        :attr:`route_seconds`, and reused by later operators of the same kind, model class,
+        parameter shapes, dtype, device and input shape in this process (measured once). A
+        single column always takes the plain route.
 
     Attributes
     ----------
@@ -201,7 +209,11 @@ class ModelCurvatureOperator(CurvatureOperator):
         self._init_route()
         self.route_seconds: dict[str, float] = {}
         if vectorize_matmat is None:
-            vectorize_matmat = self._measure_block_route()
+            key = self._route_key()
+            if key not in _ROUTE_CACHE:
+                _ROUTE_CACHE[key] = (self._measure_block_route(), dict(self.route_seconds))
+            vectorize_matmat, seconds = _ROUTE_CACHE[key]
+            self.route_seconds = dict(seconds)
         self.vectorize_matmat: bool = vectorize_matmat
         self.block_route: str = "batched" if vectorize_matmat else "loop"
 
@@ -252,6 +264,22 @@ class ModelCurvatureOperator(CurvatureOperator):
                 return self._apply_rows(theta, graphs, rows, batched)
 
         return run
+
+    def _route_key(self) -> tuple:
+        """What the block-route measurement depends on: operator, model, shapes, device, data."""
+        inputs = self.data.batches[0][0]
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        return (
+            type(self).__qualname__,
+            getattr(self, "method", None),
+            type(self.model).__qualname__,
+            tuple(tuple(s) for s in self.layout.shapes),
+            str(self.dtype),
+            str(self.device),
+            shape[1:] if isinstance(shape, tuple) else shape,
+            min(ROUTE_PROBE_SAMPLES, self.data.sizes[0]),
+            self.eval_mode,
+        )
 
     def _measure_block_route(self) -> bool:
         """Time both block routes on a sub-batch; ``True`` when the batched one is faster.
