@@ -160,11 +160,12 @@ def hutchpp_trace(
     # Orthonormalize in float64: a float32 QR of a badly conditioned sketch loses orthogonality,
     # and then tr(QᵀAQ) double counts.
     q, _ = torch.linalg.qr(image.to(torch.float64))
-    aq = _blocked_matmat(base, q.to(dtype), block_size).to(torch.float64)
-    low_rank = float((q * aq).sum())
     probes = rademacher(dim, num_probes, gen, torch.float64, device)
     deflated = probes - q @ (q.T @ probes)
-    a_deflated = _blocked_matmat(base, deflated.to(dtype), block_size).to(torch.float64)
+    # Q and the deflated probes are both known now: one block of s + g columns.
+    both = _blocked_matmat(base, torch.cat([q, deflated], dim=1).to(dtype), block_size)
+    aq, a_deflated = both.to(torch.float64).split([q.shape[1], num_probes], dim=1)
+    low_rank = float((q * aq).sum())
     rest, stderr = _mean_and_stderr((deflated * a_deflated).sum(dim=0).cpu())
     per_block: tuple[BlockTrace, ...] = ()
     if parts:
