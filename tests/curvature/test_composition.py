@@ -112,3 +112,30 @@ def test_hessian_composes_with_its_gauss_newton_part():
     v = torch.randn(h.shape[0], 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(residual @ v, (h - g) @ v, atol=1e-10)
     assert residual.layout is not None and residual.layout.dim == h.shape[0]
+
+
+def test_counting_operator_forwards_through_the_base():
+    from lightning_curvature.callbacks.progress import CountingOperator
+    from lightning_curvature.curvature import hutchpp_trace
+
+    class Tally:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
+    model, loss, x, y = make_case("tanh_mlp_ce")
+    op = HessianOperator(model, loss, (x, y))
+    tally = Tally()
+    counted = CountingOperator(op, tally)
+    assert not hasattr(CountingOperator, "__getattr__")
+    assert (counted.dim, counted.dtype, counted.device) == (op.dim, op.dtype, op.device)
+    assert counted.layout is op.layout and counted.op is op
+    est = hutchpp_trace(counted, 30, generator=0)
+    ref = hutchpp_trace(HessianOperator(model, loss, (x, y)), 30, generator=0)
+    assert est.value == pytest.approx(ref.value, rel=1e-12)
+    assert [b.name for b in est.blocks] == [b.name for b in ref.blocks]
+    assert tally.n == counted.num_matvecs == op.num_matvecs == 30
+    counted.matvec(torch.ones(op.dim, dtype=torch.float64))
+    assert tally.n == 31
