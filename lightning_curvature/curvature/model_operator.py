@@ -36,6 +36,8 @@ ReduceFn = Callable[[Tensor], Tensor]
 #: Samples of the first batch and columns used to time the block routes at construction.
 ROUTE_PROBE_SAMPLES = 256
 ROUTE_PROBE_COLUMNS = 8
+#: Columns per vmapped pass on the batched route (memory: that many copies of the activations).
+MAX_BATCHED_COLUMNS = 32
 
 
 #: Block routes measured in this process, keyed by :meth:`ModelCurvatureOperator._route_key`:
@@ -156,7 +158,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         keeps the faster; the choice and its timings are recorded in :attr:`block_route` and
         :attr:`route_seconds`, and reused by later operators of the same kind, model class,
         parameter shapes, dtype, device and input shape in this process (measured once). A
-        single column always takes the plain route.
+        single column always takes the plain route; the batched route pushes at most
+        ``MAX_BATCHED_COLUMNS`` columns through one pass (it holds the intermediates once per
+        column).
 
     Attributes
     ----------
@@ -228,7 +232,11 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         rows = matrix.T.contiguous()
-        return self._products(rows, batched=self.vectorize_matmat and rows.shape[0] > 1).T
+        if not self.vectorize_matmat or rows.shape[0] == 1:
+            return self._products(rows, batched=False).T
+        # A vmapped pass holds every intermediate once per column: chunks bound that memory.
+        chunks = rows.split(MAX_BATCHED_COLUMNS)
+        return torch.cat([self._products(c, batched=c.shape[0] > 1) for c in chunks]).T
 
     def release(self) -> None:
         """Drop the kept autograd graphs (they are rebuilt on the next product)."""

@@ -256,3 +256,17 @@ def test_auto_route_is_fixed_at_construction():
     assert mop.method == "double_backward" and mop.block_route == "loop"
     assert mop.route_seconds == {}
     assert HessianOperator(mlp, mloss, (mx, my), vectorize_matmat=True).block_route == "batched"
+
+
+def test_batched_route_in_chunks_agrees(monkeypatch):
+    import lightning_curvature.curvature.model_operator as model_operator
+
+    monkeypatch.setattr(model_operator, "MAX_BATCHED_COLUMNS", 3)
+    model, loss, x, y = make_case("tanh_mlp_ce")
+    hess, ggn = true_hessian(model, loss, x, y), true_ggn(model, loss, x, y)
+    v = probes(hess.shape[0], 10)
+    for method in METHODS:
+        op = HessianOperator(model, loss, (x, y), method=method, vectorize_matmat=True)
+        assert rel(op.matmat(v), hess @ v) < 1e-10 and op.num_matvecs == 10
+    gop = GGNOperator(model, loss, (x, y), vectorize_matmat=True)
+    assert rel(gop.matmat(v), ggn @ v) < 1e-10
