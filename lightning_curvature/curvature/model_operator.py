@@ -34,7 +34,7 @@ __all__ = ["ModelCurvatureOperator", "ReduceFn", "batched_grad"]
 ReduceFn = Callable[[Tensor], Tensor]
 
 #: Samples of the first batch and columns used to time the block routes at construction.
-ROUTE_PROBE_SAMPLES = 256
+ROUTE_PROBE_SAMPLES = 1024
 ROUTE_PROBE_COLUMNS = 8
 #: Columns per vmapped pass on the batched route (memory: that many copies of the activations).
 MAX_BATCHED_COLUMNS = 32
@@ -154,7 +154,8 @@ class ModelCurvatureOperator(CurvatureOperator):
         vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``), ``False``
         runs one backward pass per column. ``None`` (default) measures both at construction on
         a sub-batch of at most ``ROUTE_PROBE_SAMPLES`` samples of the first batch with
-        ``ROUTE_PROBE_COLUMNS`` columns (about ``4 x 8 x 256 / N`` products' worth of work) and
+        ``ROUTE_PROBE_COLUMNS`` columns (about ``4 x 8 x 1024 / N`` products' worth of work, a
+        sub-batch large enough that the routes rank as on the full batch) and
         keeps the faster; the choice and its timings are recorded in :attr:`block_route` and
         :attr:`route_seconds`, and reused by later operators of the same kind, model class,
         parameter shapes, dtype, device and input shape in this process (measured once). A
