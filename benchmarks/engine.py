@@ -3,7 +3,8 @@
 Usage (from the repository root)::
 
     LIGHTNING_CURVATURE_DATA=<data root> OMP_NUM_THREADS=2 PYTHONPATH=. \\
-        python benchmarks/engine.py [--models mlp lenet] [--seeds 20] [--skip-peer]
+        python benchmarks/engine.py [--models mlp lenet] [--threads 1 2] [--skip-peer] \\
+        [--sections hvp blocks trace eigen] [--num-measure 2048]
 
 Models: MLP 784-128-10 (ReLU) and LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, fc 120-84-10,
 ReLU, max pooling), each trained briefly (Adam, fixed seed) on 10,000 Fashion-MNIST images;
@@ -56,7 +57,8 @@ SETTINGS = {
     "mlp": {"seeds": 20, "ref_matvecs": 1500, "ref_float64": True, "pool": 600,
             "lanczos_seeds": 5, "lanczos_iters": 200, "eig_ref_iters": 3000, "eig_runs": 5,
             "eigsh_sa_maxiter": 60, "peer_repeats": 3, "peer_seeds": 5, "power_seeds": 5,
-            "verify_hutchinson": True, "hutchpp_budgets": (6, 12, 24, 48, 96, 192, 384)},
+            "verify_hutchinson": True,
+            "hutchpp_budgets": (6, 12, 18, 24, 30, 36, 42, 48, 64, 96, 192, 384)},
     "lenet": {"seeds": 10, "ref_matvecs": 300, "ref_float64": False, "pool": 200,
               "lanczos_seeds": 2, "lanczos_iters": 80, "eig_ref_iters": 400, "eig_runs": 2,
               "eigsh_sa_maxiter": 5, "peer_repeats": 1, "peer_seeds": 0, "power_seeds": 2,
@@ -148,6 +150,46 @@ def hvp_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     for method in ("double_backward", "forward_over_reverse", "linearize"):
         line = report_line(f"  {method}: one / amortized-20", out[f"one_{method}"])
         print(line + f" / {out[f'amortized_{method}']:.3g}")
+    return out
+
+
+BLOCK_SIZES = (1, 8, 32)
+
+
+def block_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Per-product cost of one ``matmat`` of k columns (k = 1, 8, 32), over a gradient.
+
+    The operator is built (and its graphs kept) before timing, as in an estimator that takes
+    many products at one point. Both block routes are timed, and ``auto`` is the route the
+    operator chose at construction (``op.method`` / ``op.block_route``, recorded).
+    """
+    from lightning_curvature.curvature import HessianOperator
+
+    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+
+    def gradient() -> None:
+        torch.autograd.grad(loss_fn(model(x), y), params)
+
+    t_grad = median_seconds(gradient, repeats=5)
+    routes = {"auto": {}, "loop": {"vectorize_matmat": False},
+              "batched": {"vectorize_matmat": True}}  # fmt: skip
+    out: dict = {"grad_s": t_grad}
+    print(f"\n[{name}] block products (gradient on {len(x):,} samples: {t_grad * 1e3:.1f} ms)")
+    for label, kwargs in routes.items():
+        op = HessianOperator(model, loss_fn, (x, y), check_determinism=False, **kwargs)
+        op.matvec(torch.zeros(op.dim))  # build and keep the graphs
+        chosen = f"{op.method}/{op.block_route}"
+        for k in BLOCK_SIZES:
+            v = torch.randn(op.dim, k, generator=torch.Generator().manual_seed(k))
+            seconds = median_seconds(lambda v=v, op=op: op.matmat(v), repeats=3)
+            ratio = seconds / k / t_grad
+            out[f"{label}_{k}"] = {"per_product_over_gradient": ratio, "route": chosen}
+            target = ("<= 0.5", ratio <= 0.5) if k > 1 and label == "auto" else (None, None)
+            print(report_line(f"  {label} ({chosen}), block {k}: per product / gradient",
+                              ratio, *target))  # fmt: skip
+        if label == "auto":
+            out["auto_route_seconds"] = dict(op.route_seconds)
     return out
 
 
@@ -471,12 +513,77 @@ def run_peer(name, model, x, y, ref_trace, trace_probes, lambda_max, cfg, thread
         return json.loads((tmp / "out.json").read_text())
 
 
+def run_model(name: str, model: nn.Module, x, y, args: argparse.Namespace, threads: int) -> dict:
+    """Every requested section for one model at the current thread count."""
+    cfg = SETTINGS[name]
+    rep: dict = {}
+    if "hvp" in args.sections:
+        rep["hvp"] = hvp_costs(name, model, x, y)
+    if "blocks" in args.sections:
+        rep["blocks"] = block_costs(name, model, x, y)
+    if "trace" in args.sections:
+        ref = reference_trace(name, model, x, y, cfg)
+        rep["reference"] = ref
+        rep["trace"] = trace_study(name, model, x, y, ref["value"], cfg)
+    if "eigen" in args.sections:
+        rep["eigen"] = eigen_study(name, model, x, y, cfg)
+    if not args.skip_peer and ("trace" in rep or "eigen" in rep):
+        probes = rep.get("trace", {}).get("hutchinson", {}).get("matvecs")
+        ref_value = rep.get("reference", {}).get("value", 0.0)
+        lam = rep.get("eigen", {}).get("ref", {}).get("lambda_max", 0.0)
+        peer = run_peer(name, model, x, y, ref_value, probes, lam, cfg, threads)
+        rep["pyhessian"] = peer
+        if peer:
+            print(f"\n[{name}] PyHessian 0.1 (subprocess, {PEER_PYTHON})")
+            print(f"  density(): {peer.get('density')}")
+            if peer.get("trace"):
+                p = peer["trace"]
+                ours = min(rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp")
+                           if rep["trace"][k].get("seconds"))  # fmt: skip
+                ratio = p["seconds"] / ours
+                rep["trace_speedup_vs_pyhessian"] = ratio
+                print(report_line("pyhessian trace: wall s at the Hutchinson probe count",
+                                  p["seconds"]) + f"   ({p['probes']} probes; "
+                      f"within 5%: {p['within_5pct']})")  # fmt: skip
+                print(report_line(f"pyhessian wall / our best wall at 5% ({threads} thread(s))",
+                                  ratio, ">= 6", ratio >= 6))  # fmt: skip
+            if peer.get("eig") and "eigen" in rep:
+                p = peer["eig"]
+                ours = rep["eigen"]["ours_lambda_max_products"]
+                print(report_line("pyhessian power iteration: products to lambda_max 1e-3",
+                                  p["needed"] or float("nan"))
+                      + f"   per seed {p['per_seed']}; its own tol=1e-3 stop:"
+                      f" {p['own_stop']} products, err up to {p['own_err']:.1e}")  # fmt: skip
+                if p["needed"]:
+                    ratio = p["needed"] / ours
+                    rep["lambda_max_products_ratio"] = ratio
+                    print(report_line("power-iteration products / ours (lambda_max 1e-3)",
+                                      ratio, ">= 3", ratio >= 3))  # fmt: skip
+                print(
+                    "  lambda_min: PyHessian has no direct method; see extreme_eigenpairs "
+                    "and the annihilation line above"
+                )
+    return rep
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "lenet"], choices=list(MODELS))
-    parser.add_argument("--sections", nargs="+", default=["hvp", "trace", "eigen"],
-                        choices=["hvp", "trace", "eigen"])  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
+    parser.add_argument("--sections", nargs="+", default=["hvp", "blocks", "trace", "eigen"],
+                        choices=["hvp", "blocks", "trace", "eigen"])  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch thread counts, each run in turn (both sides)",
+    )
+    parser.add_argument(
+        "--num-measure",
+        type=int,
+        default=NUM_MEASURE,
+        help="samples the curvature is measured on (smaller for a smoke run)",
+    )
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--json", type=str, default=None, help="write all figures here")
     parser.add_argument("--peer-worker", type=str, default=None, help=argparse.SUPPRESS)
@@ -486,62 +593,20 @@ def main() -> None:
         return
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), float32, CPU")
-    x, y = load_fashion_mnist("train", NUM_MEASURE)
-    report: dict = {}
+    x, y = load_fashion_mnist("train", args.num_measure)
+    models = {}
     for name in args.models:
-        cfg = SETTINGS[name]
         start = time.perf_counter()
-        model = trained(name)
-        dim = sum(p.numel() for p in model.parameters())
-        print(f"\n=== {name}: {dim} parameters, trained in {time.perf_counter() - start:.0f} s ===")
-        rep: dict = {}
-        if "hvp" in args.sections:
-            rep["hvp"] = hvp_costs(name, model, x, y)
-        if "trace" in args.sections:
-            ref = reference_trace(name, model, x, y, cfg)
-            rep["reference"] = ref
-            rep["trace"] = trace_study(name, model, x, y, ref["value"], cfg)
-        if "eigen" in args.sections:
-            rep["eigen"] = eigen_study(name, model, x, y, cfg)
-        if not args.skip_peer and ("trace" in rep or "eigen" in rep):
-            probes = rep.get("trace", {}).get("hutchinson", {}).get("matvecs")
-            ref_value = rep.get("reference", {}).get("value", 0.0)
-            lam = rep.get("eigen", {}).get("ref", {}).get("lambda_max", 0.0)
-            peer = run_peer(name, model, x, y, ref_value, probes, lam, cfg, args.threads)
-            rep["pyhessian"] = peer
-            if peer:
-                print(f"\n[{name}] PyHessian 0.1 (subprocess, {PEER_PYTHON})")
-                print(f"  density(): {peer.get('density')}")
-                if peer.get("trace"):
-                    p = peer["trace"]
-                    ours = min(rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp")
-                               if rep["trace"][k].get("seconds"))  # fmt: skip
-                    ratio = p["seconds"] / ours
-                    rep["trace_speedup_vs_pyhessian"] = ratio
-                    print(report_line("pyhessian trace: wall s at the Hutchinson probe count",
-                                      p["seconds"]) + f"   ({p['probes']} probes; "
-                          f"within 5%: {p['within_5pct']})")  # fmt: skip
-                    print(report_line("pyhessian wall / our best wall, both at 5% error", ratio,
-                                      ">= 3", ratio >= 3))  # fmt: skip
-                if peer.get("eig") and "eigen" in rep:
-                    p = peer["eig"]
-                    ours = rep["eigen"]["ours_lambda_max_products"]
-                    print(report_line("pyhessian power iteration: products to lambda_max 1e-3",
-                                      p["needed"] or float("nan"))
-                          + f"   per seed {p['per_seed']}; its own tol=1e-3 stop:"
-                          f" {p['own_stop']} products, err up to {p['own_err']:.1e}")  # fmt: skip
-                    if p["needed"]:
-                        ratio = p["needed"] / ours
-                        rep["lambda_max_products_ratio"] = ratio
-                        print(report_line("power-iteration products / ours (lambda_max 1e-3)",
-                                          ratio, ">= 3", ratio >= 3))  # fmt: skip
-                    print(
-                        "  lambda_min: PyHessian has no direct method; see extreme_eigenpairs "
-                        "and the annihilation line above"
-                    )
-        report[name] = rep
+        models[name] = trained(name)
+        dim = sum(p.numel() for p in models[name].parameters())
+        print(f"=== {name}: {dim} parameters, trained in {time.perf_counter() - start:.0f} s ===")
+    report: dict = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n##### torch {torch.__version__}, {threads} thread(s), float32, CPU #####")
+        report[f"threads_{threads}"] = {
+            name: run_model(name, models[name], x, y, args, threads) for name in args.models
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_curvature.curvature.operators import CurvatureOperator, OperatorLike, as_operator
+
 __all__ = ["CountingOperator", "MeasurementProgress"]
 
 
@@ -68,36 +70,24 @@ class MeasurementProgress:
         self.close()
 
 
-class CountingOperator:
-    """A duck-typed linear operator that forwards to ``op`` and reports each product.
+class CountingOperator(CurvatureOperator):
+    """An operator that forwards every product to ``op`` and reports it to ``progress``.
 
-    The engine's estimators accept any object with ``dim``, ``matvec`` and optionally ``matmat``,
-    ``dtype``, ``device`` (``API.md``); wrapping the Hessian operator this way gives progress in
-    Hessian-vector products without the engine knowing about terminals.
+    Built on the engine's operator base, so the estimators take it like any operator; it has
+    the wrapped operator's ``dim``, ``dtype``, ``device`` and ``layout`` (per-parameter blocks),
+    and ``num_matvecs`` counts the products taken through it. The wrapped operator stays
+    reachable as :attr:`op`. This gives progress in Hessian-vector products without the engine
+    knowing about terminals.
     """
 
-    def __init__(self, op: Any, progress: MeasurementProgress) -> None:
+    def __init__(self, op: OperatorLike, progress: MeasurementProgress) -> None:
+        base = as_operator(op)
+        super().__init__(base.dim, base.dtype, base.device, base.layout)
         self.op = op
+        self._base = base
         self.progress = progress
-        self.dim = op.dim
-        if hasattr(op, "matmat"):
-            self.matmat = self._matmat
 
-    def __getattr__(self, name: str) -> Any:
-        # dtype, device, layout, num_matvecs, ...: whatever the wrapped operator offers.
-        if name in ("op", "progress"):
-            raise AttributeError(name)
-        return getattr(self.op, name)
-
-    def matvec(self, v: Tensor) -> Tensor:
-        out = self.op.matvec(v)
-        self.progress.update(1)
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        out = self._base.matmat(matrix)
+        self.progress.update(int(matrix.shape[1]))
         return out
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        out = self.op.matmat(V)
-        self.progress.update(int(V.shape[-1]) if V.dim() > 1 else 1)
-        return out
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        return self.matvec(x) if x.dim() == 1 else self._matmat(x)

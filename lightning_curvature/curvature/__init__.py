@@ -1,25 +1,55 @@
 """The linear-algebra engine: HVP operators, trace estimators, Lanczos, SLQ. No Lightning import."""
 
 from .batches import BatchSet, as_batch_set
+from .blocks import parameter_blocks
+from .decomposition import SpectrumDecomposition, spectrum_decomposition
 from .density import spectral_density
-from .eigen import extreme_eigenpairs, opposite_sign_eigenpair
-from .functional import FunctionalLoss, NondeterministicModelError, module_mode
+from .eigen import block_extreme_eigenpairs, extreme_eigenpairs, opposite_sign_eigenpair
+from .functional import FunctionalLoss, LossFn, NondeterministicModelError, module_mode
 from .ggn import GGNOperator
 from .hessian import HessianOperator
-from .lanczos import lanczos
-from .operators import CurvatureOperator, DenseOperator, to_scipy
+from .lanczos import lanczos, parallel_lanczos
+from .model_operator import ReduceFn
+from .operators import (
+    CurvatureOperator,
+    DenseOperator,
+    IdentityOperator,
+    OperatorLike,
+    RestrictedOperator,
+    ScaledOperator,
+    SumOperator,
+    as_operator,
+    to_scipy,
+)
 from .params import ParameterLayout
 from .results import (
+    BlockTrace,
     ExtremeEigenpairs,
     LanczosResult,
     OppositeSignEigenpair,
     SpectralDensity,
+    SpectralIndex,
     TraceEstimate,
 )
 from .trace import hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "BatchSet",
+    "BlockTrace",
+    "IdentityOperator",
+    "LossFn",
+    "OperatorLike",
+    "ReduceFn",
+    "RestrictedOperator",
+    "ScaledOperator",
+    "SpectralIndex",
+    "SpectrumDecomposition",
+    "SumOperator",
+    "as_operator",
+    "block_extreme_eigenpairs",
+    "parallel_lanczos",
+    "parameter_blocks",
+    "spectrum_decomposition",
     "CurvatureOperator",
     "DenseOperator",
     "ExtremeEigenpairs",

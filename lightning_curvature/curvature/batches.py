@@ -8,7 +8,7 @@ batches as tensors on the target device together with their weights ``n_b / N``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,6 @@ from torch import Tensor
 __all__ = ["Batch", "BatchSet", "as_batch_set", "batch_size_of"]
 
 Batch = tuple[object, object]
-LossFn = Callable[[object, object], Tensor]
 
 
 def batch_size_of(inputs: object) -> int:

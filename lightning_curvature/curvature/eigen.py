@@ -18,7 +18,6 @@ on ``A − λ₁I``, whose largest-magnitude eigenvalue is ``λ_opp − λ₁``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,18 +25,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checks import check_float, check_int
+from .blocks import Block, resolve_blocks
 from .lanczos import orthogonalize, start_vector
-from .operators import apply_matmat, check_operator
+from .operators import CurvatureOperator, OperatorLike, as_operator
 from .probes import as_generator, gaussian
 from .results import ExtremeEigenpairs, OppositeSignEigenpair
 
-__all__ = ["extreme_eigenpairs", "opposite_sign_eigenpair"]
+__all__ = ["block_extreme_eigenpairs", "extreme_eigenpairs", "opposite_sign_eigenpair"]
 
 
-def _explicit_pairs(op: Any, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _explicit_pairs(op: CurvatureOperator, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rayleigh quotients and residual norms from explicit products (float64)."""
     vectors = vectors / vectors.to(torch.float64).norm(dim=0).to(vectors.dtype)
-    images = apply_matmat(op, vectors).to(torch.float64)
+    images = op.matmat(vectors).to(torch.float64)
     v64 = vectors.to(torch.float64)
     rayleigh = (v64 * images).sum(dim=0)
     residuals = (images - v64 * rayleigh).norm(dim=0)
@@ -45,7 +46,7 @@ def _explicit_pairs(op: Any, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def extreme_eigenpairs(
-    op: Any,
+    op: OperatorLike,
     *,
     max_iters: int = 500,
     tol: float = 1e-3,
@@ -59,7 +60,8 @@ def extreme_eigenpairs(
     Parameters
     ----------
     op : operator
-        Any object with ``dim`` and ``matvec`` (``matmat`` used for the final check).
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` or any object with ``dim``
+        and ``matvec`` (``matmat`` used for the final check).
     max_iters : int
         Budget of Lanczos products (the two explicit residual products come on top).
     tol : float
@@ -81,15 +83,12 @@ def extreme_eigenpairs(
         Rayleigh quotients and residuals recomputed with explicit products; ``converged`` says
         whether those residuals meet ``tol``.
     """
-    dim = check_operator(op)
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not isinstance(max_basis, int) or max_basis < 4:
-        raise ValueError(f"max_basis must be an int >= 4, got {max_basis!r}")
-    if warm_start_noise < 0:
-        raise ValueError(f"warm_start_noise must be >= 0, got {warm_start_noise}")
+    op = as_operator(op)
+    dim = op.dim
+    check_int("max_iters", max_iters, minimum=1)
+    check_float("tol", tol, low=0.0, low_open=True)
+    check_int("max_basis", max_basis, minimum=4)
+    check_float("warm_start_noise", warm_start_noise, low=0.0)
     start = time.perf_counter()
     gen = as_generator(generator)
     q = start_vector(op, v0, gen, noise=warm_start_noise if v0 is not None else 0.0)
@@ -174,7 +173,7 @@ def extreme_eigenpairs(
 
 
 def opposite_sign_eigenpair(
-    op: Any,
+    op: OperatorLike,
     eigenvalue: float,
     eigenvector: Tensor | None = None,
     *,
@@ -194,7 +193,8 @@ def opposite_sign_eigenpair(
     Parameters
     ----------
     op : operator
-        Any object with ``dim`` and ``matvec``.
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` or any object with ``dim``
+        and ``matvec``. The power iteration runs on the composed operator ``op.shift(λ₁)``.
     eigenvalue : float
         The known extreme eigenvalue ``λ₁``.
     eigenvector : Tensor, optional
@@ -213,13 +213,11 @@ def opposite_sign_eigenpair(
     -------
     OppositeSignEigenpair
     """
-    dim = check_operator(op)
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be an int >= 1, got {max_iters!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not math.isfinite(eigenvalue):
-        raise ValueError(f"eigenvalue must be finite, got {eigenvalue}")
+    op = as_operator(op)
+    dim = op.dim
+    check_int("max_iters", max_iters, minimum=1)
+    check_float("tol", tol, low=0.0, low_open=True)
+    check_float("eigenvalue", eigenvalue)
     start = time.perf_counter()
     gen = as_generator(generator)
     v = start_vector(op, v0, gen)
@@ -233,13 +231,14 @@ def opposite_sign_eigenpair(
     def deflate(x: Tensor) -> Tensor:
         return x if known is None else orthogonalize(x, known)[0]
 
+    shifted = op.shift(eigenvalue)
     v = deflate(v)
     v = v / v.norm()
     mu = None
     converged = False
     iters = 0
     for _ in range(max_iters):
-        w = deflate(op.matvec(v) - eigenvalue * v)
+        w = deflate(shifted.matvec(v))
         iters += 1
         new_mu = float(v.to(torch.float64) @ w.to(torch.float64))
         norm = w.norm()
@@ -260,3 +259,37 @@ def opposite_sign_eigenpair(
         num_matvecs=iters + 1,
         seconds=time.perf_counter() - start,
     )
+
+
+def block_extreme_eigenpairs(
+    op: OperatorLike,
+    blocks: Sequence[Block] | None = None,
+    **kwargs: Any,
+) -> dict[str, ExtremeEigenpairs]:
+    """Extreme eigenpairs of each diagonal block ``A_bb`` (e.g. one layer's weight).
+
+    Runs :func:`extreme_eigenpairs` on the block-restricted operator ``op.restrict(start,
+    stop)`` of every block; each of its products costs one full product of ``op``. For a
+    Hessian, ``λ_max(H_bb)`` is the sharpest curvature when only that tensor moves (by Cauchy
+    interlacing ``λ_min(H) <= λ(H_bb) <= λ_max(H)``).
+
+    Parameters
+    ----------
+    op : operator
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` or any object with ``dim``
+        and ``matvec``.
+    blocks : sequence of (name, start, stop), optional
+        Default one per parameter tensor of ``op.layout``.
+    **kwargs
+        Passed to :func:`extreme_eigenpairs` (``tol``, ``max_iters``, ``generator``, ...).
+
+    Returns
+    -------
+    dict of str to ExtremeEigenpairs
+        Keyed by block name; vectors live in the block's coordinates.
+    """
+    base = as_operator(op)
+    parts = resolve_blocks(base, blocks)
+    if not parts:
+        raise ValueError("`blocks` must be given when the operator has no parameter layout")
+    return {name: extreme_eigenpairs(base.restrict(a, b), **kwargs) for name, a, b in parts}

@@ -19,11 +19,13 @@ from .params import ParameterLayout
 
 __all__ = [
     "FunctionalLoss",
+    "LossFn",
     "NondeterministicModelError",
     "call_module",
     "module_mode",
 ]
 
+#: ``loss_fn(outputs, targets) -> scalar mean loss``; the one definition in the package.
 LossFn = Callable[[object, object], Tensor]
 
 
@@ -88,11 +90,6 @@ class FunctionalLoss:
             n: t.detach().clone() for n, t in module.named_buffers()
         }
         self._frozen: dict[str, Tensor] = self.layout.frozen_params(module)
-
-    @property
-    def _fixed(self) -> dict[str, Tensor]:
-        # Kept for callers written against the first version; prefer fixed_tensors().
-        return {**self._buffers, **self._frozen}
 
     def fixed_tensors(self) -> dict[str, Tensor]:
         """Buffers and frozen parameters for ``functional_call`` (everything but ``theta``).

@@ -19,12 +19,18 @@ convolution double backward also computes the (unneeded) input-gradient term of 
 with a slow single-channel transposed convolution; linearize gives ~1.1x there. Double backward
 through float64 convolutions on CPU is far slower than forward mode.
 
-``method="auto"``: double backward (cheapest first product), but forward over reverse for
-float64 convolution nets on CPU. For float32 convolution nets on CPU it switches to ``linearize``
-when a ``matmat`` asks for at least ``LINEARIZE_BLOCK`` products at once, or once more than
-``LINEARIZE_AFTER`` products were taken one by one (ski-rental rule: tracing costs about as much
-as the savings of that many products), provided every batch's graph fit the memory budget and
-torch.func can trace the model.
+``method="auto"`` picks the route once, at construction, from the device, dtype and model
+(never changed afterwards): forward over reverse for float64 convolution nets on CPU; for
+float32 convolution nets on CPU ``linearize`` when the graphs of all batches fit the memory
+budget (estimated from the first batch) and torch.func can trace the model, since every
+estimator takes dozens of products; double backward otherwise.
+
+*Block products.* All ``k`` columns of a ``matmat`` share each traversal. With
+``vectorize_matmat=True`` they go through one vmapped pass (double backward:
+``torch.autograd.grad(..., is_grads_batched=True)`` over the kept gradient graph; functional
+routes: ``torch.func.vmap`` over the product), otherwise one pass per column. The default
+``None`` measures both on a sub-batch at construction and records the choice
+(:attr:`block_route`, :attr:`route_seconds`).
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, linearize, vmap
 
+from ..checks import check_choice
 from .batches import Batch
 from .functional import LossFn, module_mode
 from .model_operator import (
     DEFAULT_GRAPH_MEMORY_BUDGET,
     ModelCurvatureOperator,
     ReduceFn,
+    _SavedBytes,
     batched_grad,
 )
 
@@ -48,10 +56,6 @@ __all__ = ["HessianOperator"]
 
 _METHODS = ("auto", "double_backward", "forward_over_reverse", "linearize")
 
-#: ``auto`` on CPU convolution nets switches to ``linearize`` after this many products ...
-LINEARIZE_AFTER = 24
-#: ... or at once when a single ``matmat`` asks for at least this many.
-LINEARIZE_BLOCK = 16
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
@@ -64,7 +68,8 @@ class HessianOperator(ModelCurvatureOperator):
     vectorize_matmat
         See :class:`~lightning_curvature.curvature.model_operator.ModelCurvatureOperator`.
     method : {"auto", "double_backward", "forward_over_reverse", "linearize"}
-        How products are computed (module docstring). ``self.method`` holds the route in use.
+        How products are computed (module docstring). ``self.method`` holds the route in use,
+        fixed at construction.
 
     Attributes
     ----------
@@ -90,10 +95,10 @@ class HessianOperator(ModelCurvatureOperator):
         method: str = "auto",
         graph_memory_budget: int | None = DEFAULT_GRAPH_MEMORY_BUDGET,
         check_determinism: bool = True,
-        vectorize_matmat: bool = False,
+        vectorize_matmat: bool | None = None,
     ) -> None:
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        self._requested_method = check_choice("method", method, _METHODS)
+        self._linearized: list[tuple[Any, tuple]] | None = None
         super().__init__(
             model,
             loss_fn,
@@ -105,22 +110,39 @@ class HessianOperator(ModelCurvatureOperator):
             check_determinism=check_determinism,
             vectorize_matmat=vectorize_matmat,
         )
-        auto = method == "auto"
-        if auto:
-            slow_conv = (
-                self.dtype == torch.float64
-                and self.device.type == "cpu"
-                and any(isinstance(m, _CONV) for m in model.modules())
-            )
-            method = "forward_over_reverse" if slow_conv else "double_backward"
-        self.method = method
-        self._linearized: list[tuple[Any, tuple]] | None = None
-        has_conv = any(isinstance(m, _CONV) for m in model.modules())
-        self._linearize_after: int | None = (
-            LINEARIZE_AFTER
-            if auto and has_conv and self.device.type == "cpu" and method == "double_backward"
-            else None
-        )
+
+    def _init_route(self) -> None:
+        method = self._requested_method
+        if method == "auto":
+            method = self._auto_method()
+        self.method: str = method
+
+    def _auto_method(self) -> str:
+        """The ``auto`` rule of the module docstring (decided once, at construction)."""
+        has_conv = any(isinstance(m, _CONV) for m in self.model.modules())
+        if not has_conv or self.device.type != "cpu":
+            return "double_backward"
+        if self.dtype == torch.float64:
+            return "forward_over_reverse"
+        budget = self.graph_memory_budget
+        if budget is not None:
+            counter = _SavedBytes()
+            with module_mode(self.model, self.eval_mode), torch.enable_grad(), counter.hooks():
+                self._build(self._leaf(), self.data.batches[0], self._weights[0])
+            if counter.total * len(self.data.batches) > budget:
+                return "double_backward"
+        try:
+            self._ensure_linearized()
+        except Exception:  # noqa: BLE001 - any tracing failure means: keep double backward
+            self._linearized = None
+            return "double_backward"
+        return "linearize"
+
+    def _ensure_linearized(self) -> list[tuple[Any, tuple]]:
+        if self._linearized is None:
+            with module_mode(self.model, self.eval_mode):
+                self._linearized = [self._linearize(b, w) for b, w in self._weighted_batches()]
+        return self._linearized
 
     # -- double backward ---------------------------------------------------------------------
     def _build(self, theta: Tensor, batch: Batch, weight: float) -> Tensor:
@@ -156,30 +178,36 @@ class HessianOperator(ModelCurvatureOperator):
         return loss_only, ()
 
     def _products(self, rows: Tensor, batched: bool) -> Tensor:
-        if self.method == "double_backward" and self._linearize_after is not None:
-            if (
-                self.num_matvecs + rows.shape[0] > self._linearize_after
-                or rows.shape[0] >= LINEARIZE_BLOCK
-            ):
-                self._try_linearize()
         if self.method == "double_backward":
             return super()._products(rows, batched)
-        batched = self.vectorize_matmat and rows.shape[0] > 1
-        if self.method == "linearize" and self._linearized is None:
-            with module_mode(self.model, self.eval_mode):
-                self._linearized = [self._linearize(b, w) for b, w in self._weighted_batches()]
         out = torch.zeros_like(rows)
         with module_mode(self.model, self.eval_mode):
             if self.method == "linearize":
-                assert self._linearized is not None
-                for fn, extra in self._linearized:
-                    zeros = tuple(torch.zeros_like(e) for e in extra)
-                    out = out + torch.stack([fn(r, *zeros) for r in rows])
+                for fn, extra in self._ensure_linearized():
+                    out = out + _linearized_products(fn, extra, rows, batched)
             else:
                 for (inputs, targets), w in self._weighted_batches():
                     out = out + self._forward_over_reverse(inputs, targets, w, rows, batched)
-        self.num_matvecs += int(rows.shape[0])
         return self._reduce(out.detach())
+
+    def _route_products(self, batch: Batch, rows: Tensor) -> Any:
+        if self.method == "double_backward":
+            return super()._route_products(batch, rows)
+        if self.method == "linearize":
+            with module_mode(self.model, self.eval_mode):
+                fn, extra = self._linearize(batch, 1.0)
+
+            def run_linearized(batched: bool) -> Tensor:
+                with module_mode(self.model, self.eval_mode):
+                    return _linearized_products(fn, extra, rows, batched)
+
+            return run_linearized
+
+        def run_functional(batched: bool) -> Tensor:
+            with module_mode(self.model, self.eval_mode):
+                return self._forward_over_reverse(batch[0], batch[1], 1.0, rows, batched)
+
+        return run_functional
 
     def _weighted_batches(self) -> list[tuple[Batch, float]]:
         return list(zip(self.data.batches, self._weights, strict=True))
@@ -188,26 +216,6 @@ class HessianOperator(ModelCurvatureOperator):
         f, extra = self._loss_closure(batch[0], batch[1], weight)
         _, fn = linearize(grad(f), self._theta, *extra)
         return fn, extra
-
-    def _try_linearize(self) -> None:
-        """Switch ``auto`` from double backward to ``linearize`` once many products are taken.
-
-        Only when the kept double-backward graphs cover the whole data set (the linearized
-        program holds comparable memory). A model torch.func cannot trace stays on double
-        backward.
-        """
-        self._linearize_after = None
-        self._ensure_cache()  # builds the graphs only to measure them against the budget
-        if self._cached_batches != len(self.data.batches):
-            return
-        try:
-            with module_mode(self.model, self.eval_mode):
-                fns = [self._linearize(b, w) for b, w in self._weighted_batches()]
-        except Exception:  # noqa: BLE001 - any tracing failure means: keep double backward
-            return
-        self._linearized = fns
-        self.method = "linearize"
-        self.release()
 
     def _forward_over_reverse(
         self, inputs: object, targets: object, weight: float, rows: Tensor, batched: bool
@@ -222,3 +230,11 @@ class HessianOperator(ModelCurvatureOperator):
         if batched:
             return vmap(hvp)(rows)
         return torch.stack([hvp(r) for r in rows])
+
+
+def _linearized_products(fn: Any, extra: tuple, rows: Tensor, batched: bool) -> Tensor:
+    """Products through a ``torch.func.linearize`` tangent map, vmapped or one row at a time."""
+    zeros = tuple(torch.zeros_like(e) for e in extra)
+    if batched:
+        return vmap(lambda r: fn(r, *zeros))(rows)
+    return torch.stack([fn(r, *zeros) for r in rows])

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .operators import check_operator, operator_device, operator_dtype
+from .operators import OperatorLike, as_operator
 from .probes import as_generator, gaussian
 from .results import LanczosResult
 
-__all__ = ["lanczos", "orthogonalize", "start_vector"]
+__all__ = ["lanczos", "orthogonalize", "parallel_lanczos", "start_vector"]
 
 
 def start_vector(
-    op: Any,
+    op: OperatorLike,
     v0: Tensor | Sequence[Tensor] | None,
     generator: torch.Generator,
     *,
@@ -36,8 +35,8 @@ def start_vector(
     ``noise`` mixes in a random direction of that relative norm (keeps a warm start from being
     an exact invariant subspace, which would end the iteration with only those eigenpairs).
     """
-    dim = check_operator(op)
-    dtype, device = operator_dtype(op), operator_device(op)
+    base = as_operator(op)
+    dim, dtype, device = base.dim, base.dtype, base.device
     rand = gaussian(dim, 1, generator, torch.float64, device)[:, 0]
     rand = rand / rand.norm()
     if v0 is None:
@@ -74,7 +73,7 @@ def orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def lanczos(
-    op: Any,
+    op: OperatorLike,
     num_iters: int,
     *,
     v0: Tensor | Sequence[Tensor] | None = None,
@@ -86,7 +85,8 @@ def lanczos(
     Parameters
     ----------
     op : operator
-        Any object with ``dim`` and ``matvec`` (a symmetric operator).
+        A symmetric :class:`~lightning_curvature.curvature.CurvatureOperator` or any object
+        with ``dim`` and ``matvec``.
     num_iters : int
         Steps ``k >= 1`` (capped at ``dim``). Stops early on an invariant subspace (``β = 0``).
     v0 : Tensor or sequence of Tensors, optional
@@ -103,7 +103,8 @@ def lanczos(
     """
     if not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}")
-    dim = check_operator(op)
+    op = as_operator(op)
+    dim = op.dim
     start = time.perf_counter()
     gen = as_generator(generator)
     k_max = min(num_iters, dim)
@@ -140,3 +141,94 @@ def lanczos(
         num_matvecs=len(alphas),
         seconds=time.perf_counter() - start,
     )
+
+
+def parallel_lanczos(
+    op: OperatorLike,
+    num_iters: int,
+    starts: Tensor,
+) -> list[LanczosResult]:
+    """Independent Lanczos runs from the columns of ``starts``, advanced together.
+
+    Every step takes one ``matmat`` over the runs still going, so an operator with a real block
+    product (:class:`~lightning_curvature.curvature.HessianOperator`) serves ``R`` runs for
+    the price of its block route. Each run is exactly :func:`lanczos` from its own start vector
+    (full reorthogonalization against its own basis, float64 coefficients, the same breakdown
+    rule); a run that reaches an invariant subspace leaves the block.
+
+    Parameters
+    ----------
+    op : operator
+        A symmetric :class:`~lightning_curvature.curvature.CurvatureOperator` or any object
+        with ``dim`` and ``matvec``.
+    num_iters : int
+        Steps per run (capped at ``dim``).
+    starts : Tensor
+        ``(dim, R)`` start vectors (normalized here).
+
+    Returns
+    -------
+    list of LanczosResult
+        One per run, without bases (``basis=None``); ``seconds`` is the wall time of the
+        whole block.
+    """
+    op = as_operator(op)
+    if not isinstance(num_iters, int) or isinstance(num_iters, bool) or num_iters < 1:
+        raise ValueError(f"`num_iters` must be an integer >= 1, got {num_iters!r}")
+    if starts.dim() != 2 or starts.shape[0] != op.dim or starts.shape[1] < 1:
+        raise ValueError(f"`starts` must have shape ({op.dim}, R), got {tuple(starts.shape)}")
+    start = time.perf_counter()
+    dim, runs = op.dim, int(starts.shape[1])
+    k_max = min(num_iters, dim)
+    q = starts.to(device=op.device, dtype=torch.float64)
+    q = (q / q.norm(dim=0, keepdim=True)).to(op.dtype).T.contiguous()  # (R, dim)
+    basis = torch.zeros(runs, k_max, dim, dtype=op.dtype, device=op.device)
+    alphas: list[list[float]] = [[] for _ in range(runs)]
+    betas: list[list[float]] = [[] for _ in range(runs)]
+    last_beta = [0.0] * runs
+    scale = [0.0] * runs
+    eps = torch.finfo(op.dtype).eps
+    active = list(range(runs))
+    for j in range(k_max):
+        if len(active) == runs:  # a view while every run goes on (no copy of the bases)
+            basis[:, j] = q
+            local = basis[:, : j + 1]
+        else:
+            idx = torch.tensor(active, device=op.device)
+            basis[idx, j] = q
+            local = basis[idx, : j + 1]  # (a, j+1, dim)
+        w = op.matmat(q.T.contiguous()).T  # (len(active), dim)
+        alpha = (q.to(torch.float64) * w.to(torch.float64)).sum(dim=1).cpu()
+        for _ in range(2):  # "twice is enough", per run against its own basis
+            h = torch.bmm(local, w[:, :, None])  # (a, j+1, 1)
+            w = w - torch.bmm(local.transpose(1, 2), h)[:, :, 0]
+        beta = w.to(torch.float64).norm(dim=1).cpu()
+        still, nxt = [], []
+        for pos, r in enumerate(active):
+            a, b = float(alpha[pos]), float(beta[pos])
+            alphas[r].append(a)
+            scale[r] = max(scale[r], abs(a), b)
+            last_beta[r] = b
+            if j == k_max - 1:
+                continue
+            if b <= 10 * eps * max(scale[r], 1e-300) * dim**0.5:
+                last_beta[r] = 0.0
+                continue
+            betas[r].append(b)
+            still.append(r)
+            nxt.append(w[pos] / b)
+        if not still:
+            break
+        active, q = still, torch.stack(nxt)
+    seconds = time.perf_counter() - start
+    return [
+        LanczosResult(
+            alphas=torch.tensor(alphas[r], dtype=torch.float64),
+            betas=torch.tensor(betas[r], dtype=torch.float64),
+            basis=None,
+            residual_norm=last_beta[r],
+            num_matvecs=len(alphas[r]),
+            seconds=seconds,
+        )
+        for r in range(runs)
+    ]

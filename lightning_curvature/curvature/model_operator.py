@@ -14,20 +14,42 @@ tensors occupy stay under ``graph_memory_budget``; batches past the budget are r
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_bool, check_choice, check_int
 from .batches import Batch, as_batch_set
 from .functional import FunctionalLoss, LossFn, module_mode
-from .operators import to_scipy
+from .operators import CurvatureOperator
 from .params import ParameterLayout
 
 __all__ = ["ModelCurvatureOperator", "ReduceFn", "batched_grad"]
 
+#: ``reduce_fn(t) -> t summed over processes`` (DDP all-reduce); the one definition in the package.
 ReduceFn = Callable[[Tensor], Tensor]
+
+#: Samples of the first batch and columns used to time the block routes at construction.
+ROUTE_PROBE_SAMPLES = 1024
+ROUTE_PROBE_COLUMNS = 8
+#: Columns per vmapped pass on the batched route (memory: that many copies of the activations).
+MAX_BATCHED_COLUMNS = 32
+
+
+#: Block routes measured in this process, keyed by :meth:`ModelCurvatureOperator._route_key`:
+#: an operator rebuilt at the next epoch (same model, shapes, device) reuses the decision, so
+#: the route is measured once per process and stays the same from one measurement to the next.
+_ROUTE_CACHE: dict[tuple, tuple[bool, dict[str, float]]] = {}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 #: Default cap on the autograd graphs an operator keeps alive between products.
 DEFAULT_GRAPH_MEMORY_BUDGET = 2 * 1024**3
@@ -98,11 +120,13 @@ def batched_grad(
         return tuple(torch.stack([c[i] for c in cols]) for i in range(len(inputs)))
 
 
-class ModelCurvatureOperator:
-    """Base class: data handling, weights, counting, the SciPy bridge, graph caching.
+class ModelCurvatureOperator(CurvatureOperator):
+    """Base class of the model curvature operators: data, weights, graph caching, block route.
 
     Subclasses implement :meth:`_build` (one batch's retained graph) and :meth:`_apply` (products
-    through a list of such graphs).
+    through a list of such graphs, one probe per row, batched or not); the
+    :class:`~lightning_curvature.curvature.operators.CurvatureOperator` base supplies ``@``,
+    ``matvec``/``matmat`` with their checks and count, composition and ``to_scipy``.
 
     Parameters
     ----------
@@ -125,10 +149,27 @@ class ModelCurvatureOperator:
     check_determinism : bool
         Run two forward passes on the first batch and raise
         :class:`~lightning_curvature.curvature.NondeterministicModelError` if they differ.
-    vectorize_matmat : bool
-        Push all ``matmat`` columns through one vmapped backward pass (``is_grads_batched``)
-        instead of one backward pass per column. On CPU the loop measured faster (vmapped
-        convolution backward is slow); on GPUs vectorizing can pay off.
+    vectorize_matmat : bool or None
+        How a ``matmat`` block goes through a graph: ``True`` pushes all columns through one
+        vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``), ``False``
+        runs one backward pass per column. ``None`` (default) measures both at construction on
+        a sub-batch of at most ``ROUTE_PROBE_SAMPLES`` samples of the first batch with
+        ``ROUTE_PROBE_COLUMNS`` columns (about ``4 x 8 x 1024 / N`` products' worth of work, a
+        sub-batch large enough that the routes rank as on the full batch) and
+        keeps the faster; the choice and its timings are recorded in :attr:`block_route` and
+        :attr:`route_seconds`, and reused by later operators of the same kind, model class,
+        parameter shapes, dtype, device and input shape in this process (measured once). A
+        single column always takes the plain route; the batched route pushes at most
+        ``MAX_BATCHED_COLUMNS`` columns through one pass (it holds the intermediates once per
+        column).
+
+    Attributes
+    ----------
+    block_route : {"batched", "loop"}
+        The route of multi-column products, fixed at construction.
+    route_seconds : dict
+        Seconds per column of each route in the construction-time measurement (empty when the
+        route was given).
     """
 
     def __init__(
@@ -142,23 +183,21 @@ class ModelCurvatureOperator:
         reduce_fn: ReduceFn | None = None,
         graph_memory_budget: int | None = DEFAULT_GRAPH_MEMORY_BUDGET,
         check_determinism: bool = True,
-        vectorize_matmat: bool = False,
+        vectorize_matmat: bool | None = None,
     ) -> None:
-        if graph_memory_budget is not None and graph_memory_budget < 0:
-            raise ValueError(f"graph_memory_budget must be >= 0 bytes, got {graph_memory_budget}")
-        if eval_mode not in (True, False, None):
-            raise ValueError(f"eval_mode must be True, False or None, got {eval_mode!r}")
+        check_int("graph_memory_budget", graph_memory_budget, minimum=0, allow_none=True)
+        check_choice("eval_mode", eval_mode, (True, False, None))
+        check_bool("vectorize_matmat", vectorize_matmat, allow_none=True)
+        check_bool("check_determinism", check_determinism)
+        layout = ParameterLayout.from_module(model, params)
+        first = layout.parameters(model)[0]
+        super().__init__(layout.dim, first.dtype, first.device, layout)
+        self.layout: ParameterLayout = layout
         self.model = model
         self.loss_fn = loss_fn
-        self.layout = ParameterLayout.from_module(model, params)
-        first = self.layout.parameters(model)[0]
-        self.dtype: torch.dtype = first.dtype
-        self.device: torch.device = first.device
-        self.dim: int = self.layout.dim
         self.eval_mode = eval_mode
         self.reduce_fn = reduce_fn
         self.graph_memory_budget = graph_memory_budget
-        self.vectorize_matmat = vectorize_matmat
         self.data = as_batch_set(data, device=self.device, dtype=self.dtype)
         self._floss = FunctionalLoss(model, loss_fn, self.layout)
         self._theta = self.layout.flat_values(model)
@@ -166,13 +205,25 @@ class ModelCurvatureOperator:
         global_n = float(self._reduce(local_n.to(self.device)))
         self.num_samples_global = int(round(global_n))
         self._weights = [s / global_n for s in self.data.sizes]
-        self.num_matvecs = 0
         self._cache: list[Any] | None = None
         self._cached_batches = 0
         self.graph_bytes = 0
         if check_determinism:
             with module_mode(model, eval_mode):
                 self._floss.check_deterministic(self._theta, self.data.batches[0])
+        self._init_route()
+        self.route_seconds: dict[str, float] = {}
+        if vectorize_matmat is None:
+            key = self._route_key()
+            if key not in _ROUTE_CACHE:
+                _ROUTE_CACHE[key] = (self._measure_block_route(), dict(self.route_seconds))
+            vectorize_matmat, seconds = _ROUTE_CACHE[key]
+            self.route_seconds = dict(seconds)
+        self.vectorize_matmat: bool = vectorize_matmat
+        self.block_route: str = "batched" if vectorize_matmat else "loop"
+
+    def _init_route(self) -> None:
+        """Fix the product route before the block route is measured (subclass hook)."""
 
     # -- public interface ------------------------------------------------------------------
     @property
@@ -180,27 +231,13 @@ class ModelCurvatureOperator:
         """The flat parameter vector the operator is evaluated at (a detached copy)."""
         return self._theta
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """``A @ v`` for a flat vector ``v`` of length ``dim``."""
-        if v.dim() != 1 or v.shape[0] != self.dim:
-            raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
-        return self._products(v.detach().to(self.device, self.dtype)[None, :], batched=False)[0]
-
-    def matmat(self, matrix: Tensor) -> Tensor:
-        """``A @ V`` for ``V`` of shape ``(dim, k)``; all columns share each graph traversal."""
-        if matrix.dim() != 2 or matrix.shape[0] != self.dim:
-            raise ValueError(f"V must have shape ({self.dim}, k), got {tuple(matrix.shape)}")
-        if matrix.shape[1] == 0:
-            return matrix.new_zeros(self.dim, 0)
-        rows = matrix.detach().to(self.device, self.dtype).T.contiguous()
-        return self._products(rows, batched=self.vectorize_matmat and matrix.shape[1] > 1).T
-
-    def __matmul__(self, other: Tensor) -> Tensor:
-        return self.matvec(other) if other.dim() == 1 else self.matmat(other)
-
-    def to_scipy(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
-        return to_scipy(self)
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        rows = matrix.T.contiguous()
+        if not self.vectorize_matmat or rows.shape[0] == 1:
+            return self._products(rows, batched=False).T
+        # A vmapped pass holds every intermediate once per column: chunks bound that memory.
+        chunks = rows.split(MAX_BATCHED_COLUMNS)
+        return torch.cat([self._products(c, batched=c.shape[0] > 1) for c in chunks]).T
 
     def release(self) -> None:
         """Drop the kept autograd graphs (they are rebuilt on the next product)."""
@@ -208,10 +245,76 @@ class ModelCurvatureOperator:
         self._cached_batches = 0
         self.graph_bytes = 0
 
-    def to_dense(self) -> Tensor:
-        """The full ``dim x dim`` matrix (``dim`` products; small models only)."""
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        return self.matmat(eye)
+    # -- block route -----------------------------------------------------------------------
+    def _probe_batch(self) -> Batch:
+        """At most ``ROUTE_PROBE_SAMPLES`` samples of the first batch (tensors sliced)."""
+        inputs, targets = self.data.batches[0]
+        n = min(ROUTE_PROBE_SAMPLES, self.data.sizes[0])
+
+        def head(t: object) -> object:
+            if isinstance(t, Tensor) and t.dim() > 0:
+                return t[:n]
+            if isinstance(t, (tuple, list)):
+                return type(t)(head(u) for u in t)
+            if isinstance(t, dict):
+                return {k: head(u) for k, u in t.items()}
+            return t
+
+        return head(inputs), head(targets)  # type: ignore[return-value]
+
+    def _route_products(self, batch: Batch, rows: Tensor) -> Any:
+        """``(loop, batched)`` callables computing products for ``rows`` on ``batch``."""
+        theta = self._leaf()
+        with module_mode(self.model, self.eval_mode), torch.enable_grad():
+            graphs = [self._build(theta, batch, 1.0)]
+
+        def run(batched: bool) -> Tensor:
+            with module_mode(self.model, self.eval_mode), torch.enable_grad():
+                return self._apply_rows(theta, graphs, rows, batched)
+
+        return run
+
+    def _route_key(self) -> tuple:
+        """What the block-route measurement depends on: operator, model, shapes, device, data."""
+        inputs = self.data.batches[0][0]
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        return (
+            type(self).__qualname__,
+            getattr(self, "method", None),
+            type(self.model).__qualname__,
+            tuple(tuple(s) for s in self.layout.shapes),
+            str(self.dtype),
+            str(self.device),
+            shape[1:] if isinstance(shape, tuple) else shape,
+            min(ROUTE_PROBE_SAMPLES, self.data.sizes[0]),
+            self.eval_mode,
+        )
+
+    def _measure_block_route(self) -> bool:
+        """Time both block routes on a sub-batch; ``True`` when the batched one is faster.
+
+        Each route runs twice and the second run is timed (the first pays one-off costs such as
+        vmap's batching-rule lookup). A route that raises is never chosen. Randomness comes from
+        a private generator, so the global RNG streams are untouched.
+        """
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.randn(ROUTE_PROBE_COLUMNS, self.dim, generator=gen, dtype=torch.float64)
+        rows = rows.to(self.device, self.dtype)
+        try:
+            run = self._route_products(self._probe_batch(), rows)
+        except Exception:  # noqa: BLE001 - no measurement possible: keep the plain loop
+            return False
+        for label, batched in (("loop", False), ("batched", True)):
+            try:
+                for _ in range(2):
+                    start = time.perf_counter()
+                    run(batched)
+                    _synchronize(self.device)
+                    seconds = time.perf_counter() - start
+            except Exception:  # noqa: BLE001 - a route without batching rules is not chosen
+                seconds = math.inf
+            self.route_seconds[label] = seconds / ROUTE_PROBE_COLUMNS
+        return self.route_seconds["batched"] < self.route_seconds["loop"]
 
     # -- machinery -------------------------------------------------------------------------
     def _reduce(self, t: Tensor) -> Tensor:
@@ -265,5 +368,4 @@ class ModelCurvatureOperator:
             for batch, w in rest:
                 fresh = self._leaf()
                 out = out + self._apply_rows(fresh, [self._build(fresh, batch, w)], rows, batched)
-        self.num_matvecs += int(rows.shape[0])
         return self._reduce(out.detach())

@@ -15,32 +15,28 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .operators import apply_matmat, check_operator, operator_device, operator_dtype
+from ..checks import check_int
+from .blocks import Block, block_sums, resolve_blocks
+from .operators import CurvatureOperator, OperatorLike, as_operator
 from .probes import as_generator, rademacher
-from .results import TraceEstimate
+from .results import BlockTrace, TraceEstimate
 
 __all__ = ["hutchinson_trace", "hutchpp_trace"]
 
 
-def _check_block(block_size: int | None) -> None:
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
-
-
-def _quadratic_forms(op: Any, probes: Tensor, block_size: int | None) -> Tensor:
-    """``zᵀAz`` for each column ``z`` of ``probes`` (float64), ``block_size`` columns at a time."""
-    k = probes.shape[1]
-    step = k if block_size is None else block_size
-    out = []
-    for start in range(0, k, step):
-        block = probes[:, start : start + step]
-        out.append((block * apply_matmat(op, block)).to(torch.float64).sum(dim=0))
-    return torch.cat(out).cpu()
+def _blocked_matmat(op: CurvatureOperator, matrix: Tensor, block_size: int | None) -> Tensor:
+    """``A @ V``, ``block_size`` columns per ``matmat`` call (all at once when ``None``)."""
+    if block_size is None or matrix.shape[1] <= block_size:
+        return op.matmat(matrix)
+    parts = [
+        op.matmat(matrix[:, s : s + block_size]) for s in range(0, matrix.shape[1], block_size)
+    ]
+    return torch.cat(parts, dim=1)
 
 
 def _mean_and_stderr(terms: Tensor) -> tuple[float, float]:
@@ -49,55 +45,90 @@ def _mean_and_stderr(terms: Tensor) -> tuple[float, float]:
     return mean, (float(terms.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf)
 
 
+def _block_traces(
+    blocks: Sequence[Block], exact: Tensor | None, terms: Tensor
+) -> tuple[BlockTrace, ...]:
+    """Per-block estimates: an exact part (or none) plus the mean of per-probe block terms."""
+    out = []
+    for b, (name, start, stop) in enumerate(blocks):
+        mean, stderr = _mean_and_stderr(terms[b])
+        base = 0.0 if exact is None else float(exact[b])
+        out.append(BlockTrace(name, base + mean, stderr, start, stop))
+    return tuple(out)
+
+
 def hutchinson_trace(
-    op: Any,
+    op: OperatorLike,
     num_probes: int = 100,
     *,
     generator: torch.Generator | int | None = None,
     block_size: int | None = None,
+    blocks: Sequence[Block] | None = None,
 ) -> TraceEstimate:
     """Hutchinson's estimate ``(1/m) Σ zᵢᵀAzᵢ`` of ``tr A`` with Rademacher probes.
+
+    The same products give the trace of every diagonal block ``A_bb``: for Rademacher ``z``,
+    ``E[z_bᵀ(Az)_b] = Σ_{i∈b} Σ_j A_ij E[z_i z_j] = tr A_bb``; the block terms of one probe sum
+    to its full term, so the block estimates sum to the full estimate.
 
     Parameters
     ----------
     op : operator
-        Any object with ``dim`` and ``matvec`` (``matmat`` used when present).
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` or any object with ``dim``
+        and ``matvec`` (``matmat`` used when present).
     num_probes : int
         Number of probes ``m >= 2`` (two are needed for a standard error).
     generator : torch.Generator or int, optional
         Source of the probes (a seed makes one; ``None`` draws a fresh seed).
     block_size : int, optional
         Probes per ``matmat`` call (bounds memory); default all at once.
+    blocks : sequence of (name, start, stop), optional
+        Coordinate blocks for per-block traces; default one per parameter tensor when the
+        operator has a ``layout`` (none otherwise); ``()`` for none.
 
     Returns
     -------
     TraceEstimate
-        ``stderr = s/√m`` with ``s`` the sample standard deviation of the ``zᵢᵀAzᵢ``.
+        ``stderr = s/√m`` with ``s`` the sample standard deviation of the ``zᵢᵀAzᵢ``;
+        ``blocks`` the per-block estimates with their own standard errors.
     """
-    if not isinstance(num_probes, int) or num_probes < 2:
-        raise ValueError(f"num_probes must be an int >= 2, got {num_probes!r}")
-    _check_block(block_size)
-    dim = check_operator(op)
+    check_int("num_probes", num_probes, minimum=2)
+    check_int("block_size", block_size, minimum=1, allow_none=True)
+    base = as_operator(op)
+    parts = resolve_blocks(base, blocks)
     start = time.perf_counter()
     gen = as_generator(generator)
-    probes = rademacher(dim, num_probes, gen, operator_dtype(op), operator_device(op))
-    value, stderr = _mean_and_stderr(_quadratic_forms(op, probes, block_size))
-    return TraceEstimate(value, stderr, num_probes, time.perf_counter() - start, num_probes)
+    probes = rademacher(base.dim, num_probes, gen, base.dtype, base.device)
+    products = (probes * _blocked_matmat(base, probes, block_size)).to(torch.float64)
+    value, stderr = _mean_and_stderr(products.sum(dim=0).cpu())
+    per_block = _block_traces(parts, None, block_sums(products, parts))
+    return TraceEstimate(
+        value, stderr, num_probes, time.perf_counter() - start, num_probes, per_block
+    )
 
 
 def hutchpp_trace(
-    op: Any,
+    op: OperatorLike,
     num_matvecs: int = 100,
     *,
     generator: torch.Generator | int | None = None,
     block_size: int | None = None,
+    blocks: Sequence[Block] | None = None,
 ) -> TraceEstimate:
     """Hutch++ estimate ``tr(QᵀAQ) + (1/g) Σ zᵢᵀ(I−QQᵀ)A(I−QQᵀ)zᵢ`` of ``tr A``.
+
+    Per block ``b`` (``P = QQᵀ``, ``A = PAP + PA(I−P) + (I−P)AP + (I−P)A(I−P)``) the first
+    three terms' block traces are exact from ``AQ``: ``tr_b(PAP) = Σ_{i∈b} (Q QᵀAQ)_i·Q_i`` and
+    ``tr_b(PA(I−P)) = tr_b((I−P)AP) = Σ_{i∈b} ((I−P)AQ)_i·Q_i`` (rows ``i`` of the ``(d, s)``
+    matrices); the last one is Hutchinson's with the same probes,
+    ``E[z_bᵀ((I−P)A(I−P)z)_b] = tr_b((I−P)A(I−P))``. The cross terms cancel in the sum, so the
+    blocks add up to the full estimate.
 
     Parameters
     ----------
     op : operator
-        Any object with ``dim`` and ``matvec`` (``matmat`` used when present).
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` or any object with ``dim``
+        and ``matvec`` (``matmat`` used when present).
     num_matvecs : int
         Total products ``m >= 4``: ``s = m // 3`` for the sketch, ``s`` for ``QᵀAQ`` and
         ``g = m − 2s`` Hutchinson probes (``s`` is capped at ``dim``).
@@ -105,44 +136,47 @@ def hutchpp_trace(
         Source of the probes.
     block_size : int, optional
         Columns per ``matmat`` call.
+    blocks : sequence of (name, start, stop), optional
+        As :func:`hutchinson_trace`.
 
     Returns
     -------
     TraceEstimate
         ``stderr`` is the standard error of the Hutchinson part only (the deflated trace is exact
-        for the drawn sketch); ``num_probes = g``.
+        for the drawn sketch); ``num_probes = g``; ``blocks`` per-block estimates, whose standard
+        errors are likewise those of their Hutchinson parts.
     """
-    if not isinstance(num_matvecs, int) or num_matvecs < 4:
-        raise ValueError(f"num_matvecs must be an int >= 4, got {num_matvecs!r}")
-    _check_block(block_size)
-    dim = check_operator(op)
+    check_int("num_matvecs", num_matvecs, minimum=4)
+    check_int("block_size", block_size, minimum=1, allow_none=True)
+    base = as_operator(op)
+    parts = resolve_blocks(base, blocks)
+    dim, dtype, device = base.dim, base.dtype, base.device
     start = time.perf_counter()
     gen = as_generator(generator)
-    dtype, device = operator_dtype(op), operator_device(op)
     sketch_size = min(num_matvecs // 3, dim)
     num_probes = num_matvecs - 2 * sketch_size
     sketch = rademacher(dim, sketch_size, gen, dtype, device)
-    image = _blocked_matmat(op, sketch, block_size)
+    image = _blocked_matmat(base, sketch, block_size)
     # Orthonormalize in float64: a float32 QR of a badly conditioned sketch loses orthogonality,
     # and then tr(QᵀAQ) double counts.
     q, _ = torch.linalg.qr(image.to(torch.float64))
-    q_op = q.to(dtype)
-    low_rank = float((q * _blocked_matmat(op, q_op, block_size).to(torch.float64)).sum())
     probes = rademacher(dim, num_probes, gen, torch.float64, device)
     deflated = probes - q @ (q.T @ probes)
-    terms = _quadratic_forms(op, deflated.to(dtype), block_size)
-    rest, stderr = _mean_and_stderr(terms)
+    # Q and the deflated probes are both known now: one block of s + g columns.
+    both = _blocked_matmat(base, torch.cat([q, deflated], dim=1).to(dtype), block_size)
+    aq, a_deflated = both.to(torch.float64).split([q.shape[1], num_probes], dim=1)
+    low_rank = float((q * aq).sum())
+    rest, stderr = _mean_and_stderr((deflated * a_deflated).sum(dim=0).cpu())
+    per_block: tuple[BlockTrace, ...] = ()
+    if parts:
+        proj = q.T @ aq
+        proj = (proj + proj.T) / 2
+        q_proj = q @ proj
+        exact = block_sums(q_proj * q, parts).sum(dim=1)
+        exact += 2 * block_sums((aq - q_proj) * q, parts).sum(dim=1)
+        outside = a_deflated - q @ (q.T @ a_deflated)
+        per_block = _block_traces(parts, exact, block_sums(probes * outside, parts))
     return TraceEstimate(
         low_rank + rest, stderr, 2 * sketch_size + num_probes, time.perf_counter() - start,
-        num_probes,
+        num_probes, per_block,
     )  # fmt: skip
-
-
-def _blocked_matmat(op: Any, matrix: Tensor, block_size: int | None) -> Tensor:
-    if block_size is None or matrix.shape[1] <= block_size:
-        return apply_matmat(op, matrix)
-    parts = [
-        apply_matmat(op, matrix[:, s : s + block_size])
-        for s in range(0, matrix.shape[1], block_size)
-    ]
-    return torch.cat(parts, dim=1)

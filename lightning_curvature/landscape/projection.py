@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from lightning_curvature.checks import ArgumentError, check_float, check_int
+from lightning_curvature.curvature.functional import LossFn
+from lightning_curvature.curvature.model_operator import ReduceFn
+from lightning_curvature.curvature.operators import OperatorLike, as_operator
 from lightning_curvature.curvature.params import ParameterLayout
 from lightning_curvature.curvature.probes import as_generator
 
@@ -91,15 +94,8 @@ def _principal_curvatures(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[
     return mid + radius, mid - radius
 
 
-def _apply(op: Any, vectors: Tensor) -> Tensor:
-    """``H @ vectors`` for a ``(dim, k)`` block, through ``matmat`` when the operator has one."""
-    if hasattr(op, "matmat"):
-        return op.matmat(vectors)
-    return torch.stack([op.matvec(vectors[:, j]) for j in range(vectors.shape[1])], dim=1)
-
-
 def projection_curvatures(
-    op: Any,
+    op: OperatorLike,
     num_projections: int,
     *,
     generator: torch.Generator | int | None = None,
@@ -126,8 +122,10 @@ def projection_curvatures(
     Parameters
     ----------
     op : operator
-        ``dim``, ``matvec(v)``, optional ``matmat(V)``, optional ``dtype``/``device`` (default
-        float64 / cpu), e.g. a ``HessianOperator``.
+        A :class:`~lightning_curvature.curvature.CurvatureOperator` (e.g. a ``HessianOperator``)
+        or any object with ``dim`` and ``matvec(v)`` (optional ``matmat(V)``,
+        ``dtype``/``device``, default float64 / cpu). Products come in blocks of
+        ``2 * block_size`` columns.
     num_projections : int
         Number of random planes, ``>= 2``.
     generator : torch.Generator or int, optional
@@ -146,14 +144,11 @@ def projection_curvatures(
     -1 x 500) shows its saddle in about 70% of random projections, H with 800 positive and 200
     negative unit eigenvalues essentially never).
     """
-    if not isinstance(num_projections, int) or num_projections < 2:
-        raise ValueError(f"num_projections must be an integer >= 2, got {num_projections!r}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    check_int("num_projections", num_projections, minimum=2)
+    check_int("block_size", block_size, minimum=1)
+    op = as_operator(op)
     start = time.perf_counter()
-    dim = int(op.dim)
-    dtype = getattr(op, "dtype", torch.float64)
-    device = torch.device(getattr(op, "device", "cpu"))
+    dim, dtype, device = op.dim, op.dtype, op.device
     generator = as_generator(generator)
     draw_device = generator.device
     rows: list[np.ndarray] = []
@@ -169,7 +164,7 @@ def projection_curvatures(
                 for _ in range(2 * k)
             ]
         ).to(device)
-        hz = _apply(op, z.T).T  # (2k, dim)
+        hz = op.matmat(z.T).T  # (2k, dim)
         num_matvecs += 2 * k
         eta, delta = z[0::2], z[1::2]
         h_eta, h_delta = hz[0::2], hz[1::2]
@@ -240,7 +235,7 @@ class ProjectionTrace:
 
 def projection_trace_hvp_free(
     model: nn.Module,
-    loss_fn: Callable[[object, object], Tensor],
+    loss_fn: LossFn,
     data: object,
     num_directions: int,
     *,
@@ -248,7 +243,7 @@ def projection_trace_hvp_free(
     num_points: int = 5,
     generator: torch.Generator | int | None = None,
     eval_mode: bool | None = True,
-    reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    reduce_fn: ReduceFn | None = None,
     params: object = None,
     chunk_size: int | None = None,
     memory_budget: int = 1 << 30,
@@ -299,12 +294,11 @@ def projection_trace_hvp_free(
     L. Böttcher, G. Wheeler, "Visualizing high-dimensional loss landscapes with Hessian
     directions", J. Stat. Mech. (2024) 023401, §III (trace from projection curvature).
     """
-    if not isinstance(num_directions, int) or num_directions < 2:
-        raise ValueError(f"num_directions must be an integer >= 2, got {num_directions!r}")
-    if not (isinstance(radius, (int, float)) and radius > 0 and math.isfinite(radius)):
-        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
-    if not isinstance(num_points, int) or num_points < 3 or num_points % 2 == 0:
-        raise ValueError(f"num_points must be an odd integer >= 3, got {num_points!r}")
+    check_int("num_directions", num_directions, minimum=2)
+    check_float("radius", radius, low=0.0, low_open=True)
+    check_int("num_points", num_points, minimum=3)
+    if num_points % 2 == 0:
+        raise ArgumentError(f"`num_points` must be an odd integer >= 3, got {num_points!r}")
     start = time.perf_counter()
     layout = ParameterLayout.from_module(model, params)  # type: ignore[arg-type]
     ref = layout.parameters(model)[0]

@@ -56,6 +56,29 @@ def true_ggn(model, loss_fn, inputs, targets) -> torch.Tensor:
     return jac.T @ hl @ jac
 
 
+class MatrixOp:
+    """An explicit matrix as a duck-typed operator (``dim`` and ``matvec`` only, counting calls).
+
+    Written for the tests: it uses no engine code, so estimators run against it check the
+    engine's own operator handling too.
+    """
+
+    def __init__(self, a: torch.Tensor) -> None:
+        self.a, self.dim, self.calls = a, a.shape[0], 0
+
+    def matvec(self, v):
+        self.calls += 1
+        return self.a @ v
+
+
+def with_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigs) Qᵀ`` with a random orthogonal ``Q`` (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = eigs.numel()
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return (q * eigs.to(torch.float64)) @ q.T
+
+
 class SmallConvBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

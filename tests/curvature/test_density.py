@@ -6,22 +6,7 @@ import pytest
 import torch
 
 from lightning_curvature.curvature import HessianOperator, spectral_density
-from tests.curvature.ground_truth import make_case, true_hessian
-
-
-class MatrixOp:
-    def __init__(self, a: torch.Tensor) -> None:
-        self.a, self.dim = a, a.shape[0]
-
-    def matvec(self, v):
-        return self.a @ v
-
-
-def with_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    d = eigs.numel()
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    return (q * eigs.to(torch.float64)) @ q.T
+from tests.curvature.ground_truth import MatrixOp, make_case, true_hessian, with_spectrum
 
 
 def known_operator():

@@ -14,23 +14,14 @@ from lightning_curvature.curvature import (
     lanczos,
     opposite_sign_eigenpair,
 )
-from tests.curvature.ground_truth import CASES, make_case, true_ggn, true_hessian
-
-
-class MatrixOp:
-    def __init__(self, a: torch.Tensor) -> None:
-        self.a, self.dim, self.calls = a, a.shape[0], 0
-
-    def matvec(self, v):
-        self.calls += 1
-        return self.a @ v
-
-
-def with_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    d = eigs.numel()
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
-    return (q * eigs.to(torch.float64)) @ q.T
+from tests.curvature.ground_truth import (
+    CASES,
+    MatrixOp,
+    make_case,
+    true_ggn,
+    true_hessian,
+    with_spectrum,
+)
 
 
 def test_lanczos_relation_and_orthogonality():

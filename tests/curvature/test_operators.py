@@ -210,9 +210,9 @@ def test_float32_model_and_bad_input():
     op = HessianOperator(model, loss, (x.float(), y))
     assert op.dtype == torch.float32
     assert op.matvec(torch.ones(op.dim, dtype=torch.float64)).dtype == torch.float32
-    with pytest.raises(ValueError, match="v must have shape"):
+    with pytest.raises(ValueError, match="`v` must have shape"):
         op.matvec(torch.ones(op.dim + 1))
-    with pytest.raises(ValueError, match="V must have shape"):
+    with pytest.raises(ValueError, match="`V` must have shape"):
         op.matmat(torch.ones(op.dim))
     with pytest.raises(ValueError, match="method"):
         HessianOperator(model, loss, (x, y), method="finite_difference")
@@ -231,27 +231,42 @@ def test_vectorized_matmat_agrees(method):
     assert rel(gop.matmat(v), true_ggn(model, loss, x, y) @ v) < 1e-10
 
 
-def test_auto_switches_to_linearize_for_float32_conv_nets():
-    from lightning_curvature.curvature.hessian import LINEARIZE_AFTER, LINEARIZE_BLOCK
-
+def test_auto_route_is_fixed_at_construction():
     model, loss, x, y = make_case("conv_bn_ce")
     hess = true_hessian(model, loss, x, y)
     model, x = model.float(), x.float()
-    v = probes(hess.shape[0], LINEARIZE_AFTER + 1)
+    v = probes(hess.shape[0], 30)
     op = HessianOperator(model, loss, (x, y))
-    assert op.method == "double_backward"
-    cols = [op.matvec(v[:, j]) for j in range(LINEARIZE_AFTER)]
-    assert op.method == "double_backward" and op.graph_bytes > 0
-    cols.append(op.matvec(v[:, -1]))  # one past the threshold
-    assert op.method == "linearize" and op.graph_bytes == 0
-    assert rel(torch.stack(cols, dim=1).double(), hess @ v) < 1e-5
-    block = probes(hess.shape[0], LINEARIZE_BLOCK)
-    op = HessianOperator(model, loss, (x, y))
-    assert rel(op.matmat(block).double(), hess @ block) < 1e-5
-    assert op.method == "linearize"
+    assert op.method == "linearize"  # float32 conv net on CPU, graphs within budget
+    assert op.block_route in ("loop", "batched")
+    assert set(op.route_seconds) == {"loop", "batched"}
+    assert all(t > 0 for t in op.route_seconds.values())
+    cols = [op.matvec(v[:, j]) for j in range(25)]
+    assert rel(torch.stack(cols, dim=1).double(), hess @ v[:, :25]) < 1e-5
+    assert rel(op.matmat(v).double(), hess @ v) < 1e-5
+    assert op.method == "linearize" and op.num_matvecs == 55  # never rewritten
+    tight = HessianOperator(model, loss, (x, y), graph_memory_budget=1)
+    assert tight.method == "double_backward"
+    assert rel(tight.matmat(v[:, :3]).double(), hess @ v[:, :3]) < 1e-5
     f64 = HessianOperator(model.double(), loss, (x.double(), y))
     assert f64.method == "forward_over_reverse"
     mlp, mloss, mx, my = make_case("tanh_mlp_ce")
-    mop = HessianOperator(mlp, mloss, (mx, my))
-    mop.matmat(probes(mop.dim, LINEARIZE_BLOCK))
-    assert mop.method == "double_backward"
+    mop = HessianOperator(mlp, mloss, (mx, my), vectorize_matmat=False)
+    mop.matmat(probes(mop.dim, 20))
+    assert mop.method == "double_backward" and mop.block_route == "loop"
+    assert mop.route_seconds == {}
+    assert HessianOperator(mlp, mloss, (mx, my), vectorize_matmat=True).block_route == "batched"
+
+
+def test_batched_route_in_chunks_agrees(monkeypatch):
+    import lightning_curvature.curvature.model_operator as model_operator
+
+    monkeypatch.setattr(model_operator, "MAX_BATCHED_COLUMNS", 3)
+    model, loss, x, y = make_case("tanh_mlp_ce")
+    hess, ggn = true_hessian(model, loss, x, y), true_ggn(model, loss, x, y)
+    v = probes(hess.shape[0], 10)
+    for method in METHODS:
+        op = HessianOperator(model, loss, (x, y), method=method, vectorize_matmat=True)
+        assert rel(op.matmat(v), hess @ v) < 1e-10 and op.num_matvecs == 10
+    gop = GGNOperator(model, loss, (x, y), vectorize_matmat=True)
+    assert rel(gop.matmat(v), ggn @ v) < 1e-10

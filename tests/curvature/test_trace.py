@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from lightning_curvature.curvature import HessianOperator, hutchinson_trace, hutchpp_trace
-from tests.curvature.ground_truth import make_case, true_hessian
-
-
-class MatrixOp:
-    """Duck-typed operator written for the tests (matvec only, float64, CPU)."""
-
-    def __init__(self, a: torch.Tensor) -> None:
-        self.a, self.dim = a, a.shape[0]
-
-    def matvec(self, v):
-        return self.a @ v
+from tests.curvature.ground_truth import MatrixOp, make_case, true_hessian
 
 
 def random_symmetric(d: int, eigs: torch.Tensor, seed: int) -> torch.Tensor:
