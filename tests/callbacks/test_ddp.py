@@ -10,19 +10,6 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from lightning_curvature import curvature, landscape, sampling
-
-MISSING = [
-    n
-    for m, names in (
-        (curvature, ("hutchpp_trace", "extreme_eigenpairs", "spectral_density")),
-        (sampling, ("estimate_llc",)),
-        (landscape, ("loss_surface",)),
-    )
-    for n in names
-    if not hasattr(m, n)
-]
-
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 
 
@@ -39,8 +26,6 @@ def _run(devices: int, out: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING), reason=f"engine not landed yet: {MISSING}")
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 def test_two_processes_measure_what_one_process_measures(tiny, tmp_path):
     _run(1, str(tmp_path / "one"))
