@@ -261,7 +261,11 @@ class LossProjection(CurvatureCallback):
             return
         scale = self.color_scale
         out.figures["landscape/hessian"] = lambda: plot_surface(
-            hess, title=f"Hessian directions, epoch {step}", color_scale=scale
+            hess,
+            title=f"Hessian directions, epoch {step}\n"
+            f"$\\lambda_{{max}}$={hess.eigenvalues[0]:.3g}, "
+            f"$\\lambda_{{min}}$={hess.eigenvalues[1]:.3g}",
+            color_scale=scale,
         )
         out.figures["landscape/random"] = lambda: plot_surface(
             rand, title=f"random directions, epoch {step}", color_scale=scale

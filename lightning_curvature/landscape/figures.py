@@ -50,7 +50,7 @@ def _axis_label(surface: LossSurface, k: int) -> str:
     # Unit directions: the coordinate is a distance in parameter space; otherwise a multiple of d.
     norm = surface.direction_norms[k]
     symbol = ("$\\alpha$", "$\\beta$")[k]
-    if abs(norm - 1.0) < 1e-6:
+    if abs(norm - 1.0) < 1e-3:  # unit up to float32 rounding
         return f"{symbol}: distance along {surface.labels[k]}"
     return f"{symbol} (multiples of {surface.labels[k]}, $\\|d\\|$={norm:.3g})"
 
