@@ -55,16 +55,24 @@ def _axis_label(surface: LossSurface, k: int) -> str:
     return f"{symbol} (multiples of {surface.labels[k]}, $\\|d\\|$={norm:.3g})"
 
 
+def _contour_levels(norm: Normalize, levels: int) -> np.ndarray:
+    """Contour values: geometric on a log scale, else quadratic in the rise above the minimum.
+
+    ``vmin + (vmax − vmin)·(k/n)²`` puts the rings of a quadratic bowl at equal distances, so
+    the flat region around ``w*`` (where a saddle shows) gets as many lines as the steep rim.
+    """
+    if isinstance(norm, LogNorm):
+        return np.geomspace(norm.vmin, norm.vmax, levels)
+    fractions = np.linspace(0.0, 1.0, levels) ** 2
+    return norm.vmin + (norm.vmax - norm.vmin) * fractions[1:]
+
+
 def _draw_surface(ax, surface: LossSurface, norm: Normalize, title: str, levels: int, cmap: str):  # type: ignore[no-untyped-def]
     x, y = surface.coords
     z = surface.losses.T  # rows follow the second direction (y axis)
     mesh = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="gouraud")
     if np.isfinite(z).all() and np.ptp(z) > 0:
-        contour_levels = (
-            np.geomspace(norm.vmin, norm.vmax, levels)
-            if isinstance(norm, LogNorm)
-            else np.linspace(norm.vmin, norm.vmax, levels)
-        )
+        contour_levels = _contour_levels(norm, levels)
         ax.contour(x, y, z, levels=contour_levels, colors="white", linewidths=0.7, alpha=0.85)
     (xm, ym), _ = surface.grid_minimum()
     ax.plot([0.0], [0.0], marker="+", color="black", markersize=12, mew=2, linestyle="none",
