@@ -168,6 +168,7 @@ class EpochMeasurement:
     dist: DistributedInfo
     center_loss: float
     store: MeasurementStore
+    gradient_finite: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
     _hessian: Any = None
     _krylov: KrylovRun | None = None

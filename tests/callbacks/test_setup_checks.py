@@ -184,3 +184,26 @@ def test_dashboard_follows_the_trainers_callbacks():
     tags = str(layout)
     assert "curvature/trace/big" in tags and "lambda_max" not in tags
     assert "time/HessianTrace/big" in tags
+
+
+def test_nan_gradient_mid_training_warns_with_the_cause_and_skips(tiny, tmp_path):
+    import lightning as L
+
+    class TurnsBad:
+        broken = False
+
+        def __call__(self, outputs, targets):
+            loss = nn.functional.cross_entropy(outputs, targets)
+            return loss + torch.sqrt(0.0 * outputs.sum()) if self.broken else loss
+
+    loss_fn = TurnsBad()
+
+    class Break(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            loss_fn.broken = True
+
+    trace = cb.HessianTrace(num_probes=3, krylov_iters=4, loss_fn=loss_fn, **FAST)
+    with pytest.warns(UserWarning, match="gradient has NaN"):
+        t = _fit(tiny, tmp_path, [Break(), trace], max_epochs=2)
+    assert t.current_epoch == 2
+    assert "curvature/trace" not in tiny.scalars(t.logger.log_dir)
