@@ -336,6 +336,17 @@ class CurvatureCallback(Callback):
             self._run(trainer, pl_module, step=0)
 
     @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last measurement's graph and Lanczos basis are not needed while training.
+        if self._store is not None:
+            self._store.release()
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._store is not None:
+            self._store.release()
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(trainer, "sanity_checking", False):
             return

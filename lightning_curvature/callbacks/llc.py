@@ -105,7 +105,8 @@ class LocalLearningCoefficient(CurvatureCallback):
     @override
     def memory_bytes(self, dim: int, num_samples: int) -> int:
         # Vectorized chains: parameters, gradients and the localization anchor per chain.
-        return 4 * 4 * dim * self.num_chains
+        draws = self.num_chains * (self.num_draws + self.num_burnin)
+        return 4 * 4 * dim * self.num_chains + 8 * 2 * draws
 
     @override
     def measure(self, ctx: MeasurementContext) -> Measurement:

@@ -276,6 +276,11 @@ class MeasurementStore:
             self._epochs[key] = current
         return current
 
+    def measurements(self, step: int) -> list[EpochMeasurement]:
+        """Every shared measurement taken at ``step`` so far (e.g. for a tag that combines the
+        LLC's set with the curvature set's ``λ_min``)."""
+        return [m for m in self._epochs.values() if m.step == step]
+
     def release(self, step: int | None = None) -> None:
         """Drop measurements (all, or those not at ``step``) and the memory they hold."""
         self._epochs = {

@@ -34,7 +34,9 @@ def test_two_processes_measure_what_one_process_measures(tiny, tmp_path):
     two = tiny.scalars(str(tmp_path / "two" / "tb" / "version_0"))
     compared, bad = 0, []
     for tag, series in one.items():
-        if tag.startswith("time/"):
+        # time/ differs by nature; bands/ are value ∓ stderr of tags compared here (near a zero
+        # crossing a relative tolerance on them is meaningless).
+        if tag.startswith(("time/", "bands/")):
             continue
         assert tag in two, tag
         # The HVP-free trace divides float32 loss differences by radius^2, which amplifies the

@@ -115,17 +115,20 @@ def test_trace_and_eigenvalues_match_dense_hessian_of_the_measurement_set(tiny, 
     ds = tiny.make_dataset(n=150)
     module = tiny.Module()
     d = sum(p.numel() for p in module.parameters())
-    trace_cb = cb.HessianTrace(num_samples=50, batch_size=17, seed=4, num_matvecs=3 * d + 3)
-    eig_cb = cb.HessianEigenvalues(
-        num_samples=50, batch_size=17, seed=4, max_iters=d, tol=1e-8, every_n_epochs=1
-    )
-    t = tiny.trainer(tmp_path, [trace_cb, eig_cb], max_epochs=1)
+    shared = {"num_samples": 50, "batch_size": 17, "seed": 4, "every_n_epochs": 1}
+    # Krylov-deflated trace on the shared Lanczos run (d steps: the whole space), and the
+    # stand-alone Hutch++ (3d + 3 products: exact) as a named second instance.
+    trace_cb = cb.HessianTrace(krylov_iters=d, num_probes=4, **shared)
+    hutchpp = cb.HessianTrace(method="hutchpp", num_matvecs=3 * d + 3, name="hutchpp", **shared)
+    eig_cb = cb.HessianEigenvalues(max_iters=d, tol=1e-8, **shared)
+    t = tiny.trainer(tmp_path, [trace_cb, hutchpp, eig_cb], max_epochs=1)
     t.fit(module, tiny.loader(ds))
     logged = tiny.scalars(t.logger.log_dir)
     x, y = _measurement_tensors(ds, 50, 4)
     H, _ = _dense_hessian(module, x, y)
     evals = torch.linalg.eigvalsh(H)
     assert logged["curvature/trace"][1] == pytest.approx(float(torch.trace(H)), rel=1e-3)
+    assert logged["curvature/trace/hutchpp"][1] == pytest.approx(float(torch.trace(H)), rel=1e-3)
     assert logged["curvature/lambda_max"][1] == pytest.approx(float(evals[-1]), rel=1e-3)
     assert logged["curvature/lambda_min"][1] == pytest.approx(float(evals[0]), rel=1e-3, abs=1e-5)
 
