@@ -1,7 +1,8 @@
 """Lightning callbacks that measure loss-landscape geometry during training.
 
 Thin glue over the engine layers: each callback chooses the data (a fixed measurement set drawn
-once from the training set), calls the engine and logs under the tags of ``DESIGN.md``. The
+once from the training set), calls the engine and logs under the tags of
+``docs/architecture.md``. The
 curvature callbacks on one Trainer share one measurement per epoch (measurement set, Hessian
 operator, Lanczos run: :mod:`.shared`), so every number of an epoch describes the same Hessian.
 

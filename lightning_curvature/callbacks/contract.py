@@ -1,7 +1,8 @@
 """The loss contract, checked before training starts: a dry run on a few measurement samples.
 
 Every measurement differentiates ``L(θ) = loss_fn(pl_module(inputs), targets)`` and assumes it is
-the *mean* loss over the batch (``DESIGN.md``, *Loss and data*). Violations that PyTorch would
+the *mean* loss over the batch (``docs/architecture.md``, loss contract). Violations that
+PyTorch would
 only report at the end of the first measured epoch, as a raw error or, worse, as silently wrong
 numbers, are refused here with a :class:`LossContractError` that names the contract and the fix:
 

@@ -72,7 +72,7 @@ class CountingOperator:
     """A duck-typed linear operator that forwards to ``op`` and reports each product.
 
     The engine's estimators accept any object with ``dim``, ``matvec`` and optionally ``matmat``,
-    ``dtype``, ``device`` (``API.md``); wrapping the Hessian operator this way gives progress in
+    ``dtype``, ``device``; wrapping the Hessian operator this way gives progress in
     Hessian-vector products without the engine knowing about terminals.
     """
 
