@@ -35,14 +35,14 @@ class HessianTrace(CurvatureCallback):
 
     Parameters
     ----------
-    method : {"krylov", "hutchpp"}
-        Default "krylov".
+    method : {"krylov", "hutchpp"}, optional
+        Default "krylov", or "hutchpp" when ``num_matvecs`` is given.
     num_probes : int
         Hutchinson probes on the deflated remainder (``"krylov"``; >= 2). Default 10.
     krylov_iters : int
         Lanczos steps this callback asks of the shared run (the run uses the largest any
         consumer asks for). Default 20.
-    num_matvecs : int
+    num_matvecs : int, optional
         Products of ``"hutchpp"`` (>= 4). Default 30.
     every_n_epochs : int
         Default 2, aligned with :class:`~.eigenvalues.HessianEigenvalues` so that both read one
@@ -54,18 +54,23 @@ class HessianTrace(CurvatureCallback):
     def __init__(
         self,
         *,
-        method: str = "krylov",
+        method: str | None = None,
         num_probes: int = 10,
         krylov_iters: int = 20,
-        num_matvecs: int = 30,
+        num_matvecs: int | None = None,
         every_n_epochs: int = 2,
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
+        if method is None:
+            # An explicit Hutch++ budget (the pre-Krylov API) keeps its meaning.
+            method = "krylov" if num_matvecs is None else "hutchpp"
         self.method = check_choice("method", method, _METHODS)
         self.num_probes: int = check_int("num_probes", num_probes, minimum=2)  # type: ignore[assignment]
         self.krylov_iters: int = check_int("krylov_iters", krylov_iters, minimum=2)  # type: ignore[assignment]
-        self.num_matvecs: int = check_int("num_matvecs", num_matvecs, minimum=4)  # type: ignore[assignment]
+        self.num_matvecs: int = check_int(  # type: ignore[assignment]
+            "num_matvecs", 30 if num_matvecs is None else num_matvecs, minimum=4
+        )
 
     @override
     def register_shared(self, store: MeasurementStore, key: SetKey) -> None:

@@ -20,7 +20,7 @@ def small_suite(seed: int = 0, measure_on_train_start: bool = False, **extra):
     shared = dict(SMALL, seed=seed, measure_on_train_start=measure_on_train_start, every_n_epochs=1)
     shared.update(extra)
     return [
-        cb.HessianTrace(num_matvecs=12, **shared),
+        cb.HessianTrace(num_probes=6, **shared),
         cb.HessianEigenvalues(max_iters=20, **shared),
         cb.HessianSpectrum(num_iters=12, num_points=64, **shared),
         cb.LocalLearningCoefficient(
