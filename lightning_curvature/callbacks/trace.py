@@ -38,7 +38,10 @@ class HessianTrace(CurvatureCallback):
     method : {"krylov", "hutchpp"}, optional
         Default "krylov", or "hutchpp" when ``num_matvecs`` is given.
     num_probes : int
-        Hutchinson probes on the deflated remainder (``"krylov"``; >= 2). Default 10.
+        Hutchinson probes on the deflated remainder (``"krylov"``; >= 2). Default 6: on an MLP
+        784-256-256-10 (Fashion-MNIST, 256 samples) 10 probes gave a standard error of 3.7% of
+        tr H, so 6 give about 5%, below the 6% of the former default (Hutch++ with 30
+        products); the logged stderr says what the budget buys.
     krylov_iters : int
         Lanczos steps this callback asks of the shared run (the run uses the largest any
         consumer asks for). Default 20.
@@ -55,7 +58,7 @@ class HessianTrace(CurvatureCallback):
         self,
         *,
         method: str | None = None,
-        num_probes: int = 10,
+        num_probes: int = 6,
         krylov_iters: int = 20,
         num_matvecs: int | None = None,
         every_n_epochs: int = 2,
