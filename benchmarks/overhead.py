@@ -8,7 +8,10 @@ Setup (issue 6): Fashion-MNIST 60k training images, MLP 784-256-256-10, SGD (lr 
    the epoch's training time is its wall time minus the callbacks' time (same machine load as
    the measurements; on a shared machine only such within-epoch ratios are meaningful). For
    the timing run every callback measures every epoch (``every_n_epochs=1``); the table then
-   amortizes one measurement over the callback's default ``every_n_epochs``;
+   amortizes one measurement over the callback's default ``every_n_epochs``. Work the callbacks
+   share (the epoch's Hessian operator and Lanczos run, ``lightning_curvature.callbacks.shared``)
+   is charged separately and amortized over the epochs in which at least one of its readers
+   measures on the default schedule (one cycle of the least common multiple of the cadences);
 2. baseline: the same fit with no callback (cross-check of the training time).
 
 The last epoch is reported (warm starts active, one-off costs such as gathering the measurement
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,7 +55,7 @@ HOOKS = (
     "on_train_batch_end",
     "on_train_epoch_end",
 )
-TARGET = 0.50
+TARGET = 0.25
 
 
 class HookTimer:
@@ -105,7 +109,7 @@ def accurate_suite(epochs: int) -> list[L.Callback]:
     """Large budgets, measuring only after the last epoch: the reference for the defaults."""
     shared = {"every_n_epochs": epochs}
     return [
-        cb.HessianTrace(num_matvecs=150, **shared),
+        cb.HessianTrace(method="hutchpp", num_matvecs=150, **shared),
         cb.HessianEigenvalues(max_iters=100, tol=1e-6, **shared),
         cb.HessianSpectrum(num_iters=80, num_runs=3, **shared),
         cb.LocalLearningCoefficient(num_chains=8, num_draws=100, num_burnin=50, **shared),
@@ -118,11 +122,11 @@ COMPARED = (
     "curvature/trace_stderr",
     "curvature/lambda_max",
     "curvature/lambda_min",
-    "curvature/lambda_min_residual",
+    "diagnostics/curvature/lambda_min_residual",
     "curvature/negative_fraction",
     "curvature/negative_fraction_3sigma",
     "llc/lambda_hat",
-    "llc/r_hat",
+    "diagnostics/llc/r_hat",
     "llc/lambda_hat_std",
     "landscape/random_saddle_fraction",
     "landscape/projection_trace",
@@ -167,16 +171,16 @@ def accuracy_notes(suite: list[L.Callback]) -> dict[str, str]:
         elif isinstance(c, cb.HessianEigenvalues):
             notes[c.name] = (
                 f"λmax = {s['curvature/lambda_max']:.4g} (residual "
-                f"{s['curvature/lambda_max_residual']:.2g}), λmin = "
+                f"{s['diagnostics/curvature/lambda_max_residual']:.2g}), λmin = "
                 f"{s['curvature/lambda_min']:.3g} "
-                f"(residual {s['curvature/lambda_min_residual']:.2g})"
+                f"(residual {s['diagnostics/curvature/lambda_min_residual']:.2g})"
             )
         elif isinstance(c, cb.HessianSpectrum):
             notes[c.name] = f"negative fraction = {s['curvature/negative_fraction']:.3f}"
         elif isinstance(c, cb.LocalLearningCoefficient):
             notes[c.name] = (
                 f"λ̂ = {s['llc/lambda_hat']:.4g} ± {s['llc/lambda_hat_std']:.2g} (std over "
-                f"{c.num_chains} chains), R̂ = {s.get('llc/r_hat', float('nan')):.3g}"
+                f"{c.num_chains} chains), R̂ = {s.get('diagnostics/llc/r_hat', float('nan')):.3g}"
             )
         elif isinstance(c, cb.LossProjection):
             notes[c.name] = (
@@ -186,6 +190,54 @@ def accuracy_notes(suite: list[L.Callback]) -> dict[str, str]:
                 f"{s['landscape/projection_trace_stderr']:.2g}"
             )
     return notes
+
+
+#: Shared work and the callbacks that read it (see ``lightning_curvature.callbacks.shared``).
+SHARED_READERS = {
+    "hessian": (cb.HessianTrace, cb.HessianEigenvalues, cb.HessianSpectrum, cb.LossProjection),
+    "lanczos": (cb.HessianTrace, cb.HessianEigenvalues, cb.LossProjection),
+}
+
+
+def _share_of_epochs(cadences: list[int]) -> float:
+    """Share of epochs in which at least one of the cadences measures (over one lcm cycle)."""
+    if not cadences:
+        return 0.0
+    cycle = math.lcm(*cadences)
+    return sum(any(e % c == 0 for c in cadences) for e in range(1, cycle + 1)) / cycle
+
+
+def amortized_rows(
+    suite: list[L.Callback], hook_timers: list[HookTimer], last: int
+) -> tuple[list[tuple[str, float, int, float]], float]:
+    """Per-callback and shared cost of the last epoch, amortized over the default schedule."""
+    rows: list[tuple[str, float, int, float]] = []
+    shared_seconds: dict[str, float] = {}
+    total = 0.0
+    for c, ht in zip(suite, hook_timers, strict=True):
+        per_measurement = ht.seconds.get(last, 0.0)
+        measurement = getattr(c, "last_measurement", None)
+        if measurement is not None:
+            for item, sec in measurement.shared_seconds.items():
+                shared_seconds[item] = shared_seconds.get(item, 0.0) + sec
+                per_measurement -= sec
+        every = getattr(c, "default_every_n_epochs", 1)
+        amortized = per_measurement / every
+        total += amortized
+        name = c.name if hasattr(c, "name") else type(c).__name__
+        rows.append((name, per_measurement, every, amortized))
+    for item, sec in shared_seconds.items():
+        readers = [
+            getattr(c, "default_every_n_epochs", 1)
+            for c in suite
+            if isinstance(c, SHARED_READERS.get(item, ()))
+            and not (isinstance(c, cb.HessianTrace) and item == "lanczos" and c.method != "krylov")
+        ]
+        share = _share_of_epochs(readers)
+        every = round(1 / share) if share > 0 else 0
+        rows.append((f"shared: {item}", sec, every, sec * share))
+        total += sec * share
+    return rows, total
 
 
 def main() -> None:
@@ -236,15 +288,7 @@ def main() -> None:
     hooks_last = sum(ht.seconds.get(last, 0.0) for ht in hook_timers)
     wall_suite = suite_timer.seconds[last]
     epoch = wall_suite - hooks_last
-    rows = []
-    total = 0.0
-    for c, ht in zip(suite, hook_timers, strict=True):
-        per_measurement = ht.seconds.get(last, 0.0)
-        every = getattr(c, "default_every_n_epochs", 1)
-        amortized = per_measurement / every
-        total += amortized
-        name = c.name if hasattr(c, "name") else type(c).__name__
-        rows.append((name, per_measurement, every, amortized))
+    rows, total = amortized_rows(suite, hook_timers, last)
     notes = accuracy_notes(suite)
 
     print(
@@ -258,8 +302,11 @@ def main() -> None:
     for name, per, every, amort in rows:
         print(f"{name:<26}{per:>14.3f}{every:>9d}{amort:>10.3f}{100 * amort / epoch:>8.1f}%")
     share = 100 * total / epoch
-    print(f"{'full suite (amortized)':<26}{'':>14}{'':>9}{total:>10.3f}{share:>8.1f}%")
-    print(f"target: <= {100 * TARGET:.0f}% -> {'PASS' if total <= TARGET * epoch else 'FAIL'}")
+    verdict = "PASS" if total <= TARGET * epoch else "FAIL"
+    print(
+        f"{'full suite (amortized)':<26}{'':>14}{'':>9}{total:>10.3f}{share:>8.1f}%"
+        f"   target <= {100 * TARGET:.0f}%: {verdict}"
+    )
     print(
         f"all callbacks measuring in the same epoch: {hooks_last:.2f} s "
         f"({100 * hooks_last / epoch:.0f}% of the epoch's training time)"

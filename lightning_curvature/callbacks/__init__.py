@@ -1,38 +1,48 @@
 """Lightning callbacks that measure loss-landscape geometry during training.
 
 Thin glue over the engine layers: each callback chooses the data (a fixed measurement set drawn
-once from the training set), calls the engine and logs under the tags of ``DESIGN.md``.
+once from the training set), calls the engine and logs under the tags of
+``docs/architecture.md``. The
+curvature callbacks on one Trainer share one measurement per epoch (measurement set, Hessian
+operator, Lanczos run: :mod:`.shared`), so every number of an epoch describes the same Hessian.
 
-- :class:`HessianTrace` — ``curvature/trace`` ± ``curvature/trace_stderr`` (Hutch++).
+- :class:`HessianTrace` — ``curvature/trace`` ± ``curvature/trace_stderr`` (Krylov-deflated
+  Hutchinson on the shared Lanczos basis, or Hutch++).
 - :class:`HessianEigenvalues` — ``curvature/lambda_max``, ``curvature/lambda_min`` (Lanczos).
 - :class:`HessianSpectrum` — ``curvature/negative_fraction``, ``curvature/spectrum`` (SLQ).
 - :class:`LocalLearningCoefficient` — ``llc/lambda_hat`` ± std, ``llc/wbic``, ``llc/init_loss``.
-- :class:`LossProjection` — ``landscape/hessian`` vs ``landscape/random`` heat maps, saddle
-  fraction, HVP-free trace, ``.npz`` snapshots.
+- :class:`LossProjection` — ``landscape/hessian`` vs ``landscape/random`` loss maps, saddle
+  fraction, HVP-free trace (with its radius), ``.npz`` snapshots.
 - :class:`OptimizerMonitor` — ``optim/update_norm``, ``ngd/kappa``, ``ngd/fisher_trace``.
 - :class:`CurvatureDashboard` — TensorBoard custom-scalars layout.
 - :func:`default_callbacks` — the full suite at its defaults.
 """
 
-from .base import CurvatureCallback, Measurement, MeasurementContext
+from .base import CurvatureCallback, Measurement, MeasurementContext, MeasurementError
+from .contract import LossContractError
 from .dashboard import CurvatureDashboard, dashboard_layout
 from .eigenvalues import HessianEigenvalues
 from .llc import LocalLearningCoefficient
 from .optimizer_monitor import OptimizerMonitor
 from .projection import LossProjection
+from .shared import EpochMeasurement, MeasurementStore
 from .spectrum import HessianSpectrum
 from .trace import HessianTrace
 
 __all__ = [
     "CurvatureCallback",
     "CurvatureDashboard",
+    "EpochMeasurement",
     "HessianEigenvalues",
     "HessianSpectrum",
     "HessianTrace",
     "LocalLearningCoefficient",
+    "LossContractError",
     "LossProjection",
     "Measurement",
     "MeasurementContext",
+    "MeasurementError",
+    "MeasurementStore",
     "OptimizerMonitor",
     "dashboard_layout",
     "default_callbacks",
@@ -40,7 +50,11 @@ __all__ = [
 
 
 def default_callbacks(**shared: object) -> list:
-    """The full suite at its defaults; ``shared`` kwargs (e.g. ``seed``) go to each measurer."""
+    """The full suite at its defaults; ``shared`` kwargs (e.g. ``seed``) go to each measurer.
+
+    The defaults share one measurement set (256 samples; the LLC's 4096 contain them) and their
+    cadences are multiples of 2, so every measured epoch reads one Lanczos run.
+    """
     measuring = [
         HessianTrace,
         HessianEigenvalues,

@@ -1,23 +1,24 @@
 """What a callback needs to know about the process group: rank, world size, a sum-reduction.
 
-The engine's contract (``API.md``): every estimator takes ``reduce_fn``, a function that SUMS a
-tensor across processes. Each rank evaluates its shard of the measurement set weighted by
+The engine's contract (``docs/architecture.md``): every estimator takes ``reduce_fn``, a function
+that SUMS a tensor across processes. Each rank evaluates its shard of the measurement set
+weighted by
 ``n_local / N_global`` and ``reduce_fn`` sums the parts, so every rank sees the same numbers and
 runs the same Lanczos / trace iterations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_curvature.curvature.model_operator import ReduceFn
+
 __all__ = ["DistributedInfo"]
 
-ReduceFn = Callable[[Tensor], Tensor]
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """The side-effect guard: a measurement must leave training exactly as it found it.
 
-The contract (``DESIGN.md``, *No side effects on training*): parameters, buffers, ``.grad``,
+The contract (``docs/architecture.md``, no side effects on training): parameters, buffers,
+``.grad``,
 optimizer state, the model's train/eval mode and every global RNG stream are unchanged by a
 monitoring callback, so training with and without the callbacks gives bitwise-identical weights.
 

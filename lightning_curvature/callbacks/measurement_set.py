@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from lightning_curvature.curvature import BatchSet, as_batch_set
 
-__all__ = ["derive_seed", "draw_indices", "gather_samples", "training_dataset"]
+__all__ = [
+    "MeasurementSetError",
+    "derive_seed",
+    "draw_indices",
+    "gather_samples",
+    "training_dataset",
+]
 
 
 def derive_seed(*keys: int) -> int:
@@ -42,12 +48,12 @@ def training_dataset(trainer: Any) -> Dataset:
     if isinstance(loader, DataLoader):
         dataset = loader.dataset
     else:
-        raise ValueError(
+        raise MeasurementSetError(
             "the measurement set is drawn from the training data, which must be one "
             f"torch DataLoader (got {type(loader).__name__})"
         )
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        raise ValueError(
+        raise MeasurementSetError(
             "the measurement set is drawn by index from the training dataset, which must be "
             f"map-style (define __len__ and __getitem__); got {type(dataset).__name__}"
         )
@@ -64,15 +70,27 @@ def draw_indices(dataset_size: int, num_samples: int | None, seed: int) -> Tenso
     return torch.sort(perm[:k]).values
 
 
+class MeasurementSetError(ValueError):
+    """The training data cannot serve as a measurement set (raised before training starts)."""
+
+
 def _pair(batch: object) -> tuple[object, object]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict) and len(batch) >= 2:
-        values = list(batch.values())
-        return values[0], values[1]
-    raise ValueError(
-        "training samples must be (inputs, targets) pairs to measure the loss; "
-        f"got {type(batch).__name__}"
+    if isinstance(batch, dict):
+        raise MeasurementSetError(
+            "the measurement set is read from the training dataset, whose samples must be "
+            f"(inputs, targets) pairs; got a dict with keys {sorted(map(str, batch))}. The engine "
+            "evaluates loss_fn(pl_module(inputs), targets), so it cannot guess which entry is "
+            "which: wrap the dataset so that __getitem__ returns (inputs, targets), e.g. "
+            "`class Pairs(Dataset): __getitem__ = lambda s, i: (d[i]['x'], d[i]['y'])`"
+        )
+    shape = f"a {type(batch).__name__}"
+    if isinstance(batch, (tuple, list)):
+        shape += f" of {len(batch)} items"
+    raise MeasurementSetError(
+        "the measurement set is read from the training dataset, whose samples must be "
+        f"(inputs, targets) pairs; got {shape}. Make __getitem__ return (inputs, targets)"
     )
 
 
@@ -82,11 +100,13 @@ def gather_samples(
     *,
     batch_size: int | None,
     device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> BatchSet:
     """Read ``dataset[i]`` for every index once and stack them into batches of ``batch_size``.
 
     ``TensorDataset`` (and a ``Subset`` of one) is indexed directly; anything else goes through
-    ``__getitem__`` and ``default_collate``.
+    ``__getitem__`` and ``default_collate``. Floating-point tensors are cast to ``dtype`` (the
+    model's, so ``Trainer(precision="64-true")`` measures in float64).
     """
     if len(indices) == 0:
         raise ValueError("the measurement set is empty")
@@ -104,4 +124,4 @@ def gather_samples(
         else:
             batch = default_collate([base[i] for i in chunk])
         batches.append(_pair(batch))
-    return as_batch_set(batches, device=device)
+    return as_batch_set(batches, device=device, dtype=dtype)

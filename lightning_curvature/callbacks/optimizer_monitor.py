@@ -6,10 +6,12 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from typing_extensions import override
 
-from .base import check_int
+from lightning_curvature.checks import check_int
+
 from .sink import MetricSink
 
 __all__ = ["OptimizerMonitor"]
@@ -47,7 +49,7 @@ class OptimizerMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 8) -> None:
         super().__init__()
-        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self._buffers: list[Tensor] | None = None
         self._copied = False
         self._stepped = False
@@ -74,10 +76,14 @@ class OptimizerMonitor(Callback):
         stats = getattr(getattr(optimizer, "optimizer", optimizer), "stats", None)
         return stats if isinstance(stats, dict) else None
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
         # Runs after backward, before the parameters move (θ_t).
         self._stepped, self._optimizer = True, optimizer
         stats = self._stats(optimizer)
@@ -99,7 +105,10 @@ class OptimizerMonitor(Callback):
                 self._buffers = [torch.empty_like(p) for p in params]
             torch._foreach_copy_(self._buffers, [p.detach() for p in params])
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
         if not self._stepped:
             return
         self._stepped = False
@@ -118,7 +127,8 @@ class OptimizerMonitor(Callback):
                 if stats.get(key) is not None:
                     self._add(tag, float(stats[key]))
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         means = {tag: self._sums[tag] / self._counts[tag] for tag in self._sums}
         if means:
             MetricSink(trainer, pl_module, trainer.current_epoch + 1).scalars(means)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from lightning_curvature import curvature
+from lightning_curvature.checks import check_float, check_int
 
-from .base import CurvatureCallback, Measurement, MeasurementContext, check_float, check_int
+from .base import CurvatureCallback, Measurement, MeasurementContext
 from .progress import CountingOperator
 
 __all__ = ["HessianSpectrum"]
@@ -33,10 +35,12 @@ class HessianSpectrum(CurvatureCallback):
     num_points : int
         Grid points of the density. Default 256.
     sigma : float, optional
-        Gaussian smoothing width; default chosen by the engine from the spectrum's range.
+        Gaussian smoothing width (finite, > 0); default chosen by the engine from the spectrum's
+        range.
     every_n_epochs : int
-        Default 5 (about 5% of an epoch amortized).
-    num_samples, batch_size, seed, loss_fn, eval_mode, measure_on_train_start
+        Default 10 (about 2.5% of an epoch amortized; the density changes slowly, and 10 is a
+        multiple of the other curvature cadences).
+    num_samples, batch_size, seed, loss_fn, eval_mode, measure_on_train_start, name
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
 
     Notes
@@ -44,7 +48,9 @@ class HessianSpectrum(CurvatureCallback):
     In an over-parametrized network most eigenvalues sit at ~0; the Gaussian broadening puts
     half of that bulk below zero, so ``curvature/negative_fraction`` (the contract tag, mass
     below 0) is close to 0.5 whatever the landscape. ``curvature/negative_fraction_3sigma``
-    (mass below −3σ) is the informative index density.
+    (mass below −3σ) is the informative index density. The runs use the epoch's shared Hessian
+    operator (:mod:`.shared`), so the spectrum describes the same Hessian as the trace and the
+    extreme eigenvalues; SLQ needs random start vectors, so its Lanczos runs are its own.
     Measured costs are for an MLP 784-256-256-10 on one CPU thread, relative to one
     Fashion-MNIST training epoch at batch 128 (``benchmarks/overhead.py``,
     ``docs/benchmarks.md``).
@@ -57,19 +63,23 @@ class HessianSpectrum(CurvatureCallback):
         num_runs: int = 1,
         num_points: int = 256,
         sigma: float | None = None,
-        every_n_epochs: int = 5,
+        every_n_epochs: int = 10,
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
-        self.num_iters = check_int("num_iters", num_iters, 2)
-        self.num_runs = check_int("num_runs", num_runs, 1)
-        self.num_points = check_int("num_points", num_points, 8)
+        self.num_iters: int = check_int("num_iters", num_iters, minimum=2)  # type: ignore[assignment]
+        self.num_runs: int = check_int("num_runs", num_runs, minimum=1)  # type: ignore[assignment]
+        self.num_points: int = check_int("num_points", num_points, minimum=8)  # type: ignore[assignment]
         self.sigma = check_float("sigma", sigma, low=0.0, low_open=True, allow_none=True)
 
+    @override
+    def memory_bytes(self, dim: int, num_samples: int) -> int:
+        nodes = self.num_iters * self.num_runs
+        return 8 * dim * (self.num_iters + 2) + 8 * self.num_points * (nodes + 4)
+
+    @override
     def measure(self, ctx: MeasurementContext) -> Measurement:
-        op = curvature.HessianOperator(
-            ctx.pl_module, ctx.loss_fn, ctx.data, eval_mode=ctx.eval_mode, reduce_fn=ctx.reduce_fn
-        )
+        op = ctx.shared.hessian()
         with ctx.progress("SLQ spectrum", self.num_iters * self.num_runs) as bar:
             sd = curvature.spectral_density(
                 CountingOperator(op, bar),
@@ -79,15 +89,15 @@ class HessianSpectrum(CurvatureCallback):
                 sigma=self.sigma,
                 generator=ctx.generator,
             )
-        grid = _numpy(sd.grid)
-        density = _numpy(sd.density)
-        sigma = float(getattr(sd, "sigma", 0.0) or 0.0)
+        grid = sd.grid.detach().cpu().double().numpy()
+        density = sd.density.detach().cpu().double().numpy()
+        sigma = sd.sigma
         result = Measurement(
             scalars={
-                "curvature/negative_fraction": float(sd.negative_fraction()),
+                "curvature/negative_fraction": sd.negative_fraction(),
                 # Below -3σ: the null-space bulk at 0 (most of an over-parametrized network's
                 # spectrum) contributes Φ(-3) ≈ 0.1% of its mass instead of half of it.
-                "curvature/negative_fraction_3sigma": float(sd.negative_fraction(-3.0 * sigma)),
+                "curvature/negative_fraction_3sigma": sd.negative_fraction(-3.0 * sigma),
             }
         )
         if np.all(np.isfinite(grid)) and np.all(np.isfinite(density)) and len(grid) > 1:
@@ -98,16 +108,10 @@ class HessianSpectrum(CurvatureCallback):
         return result
 
 
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 def _density_figure(grid: np.ndarray, density: np.ndarray, epoch: int) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5, 3.2), dpi=100)
+    fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     floor = max(float(density.max()) * 1e-8, 1e-30) if density.size else 1e-30
     ax.semilogy(grid, np.clip(density, floor, None), color="C0")
@@ -115,5 +119,4 @@ def _density_figure(grid: np.ndarray, density: np.ndarray, epoch: int) -> Any:
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(f"Hessian spectral density (SLQ), epoch {epoch}")
-    fig.tight_layout()
     return fig

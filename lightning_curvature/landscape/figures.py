@@ -18,7 +18,11 @@ from matplotlib.ticker import MaxNLocator
 
 from .surface import LossSurface
 
-__all__ = ["plot_slices", "plot_surfaces", "save_animation"]
+__all__ = ["COLOR_SCALES", "plot_slices", "plot_surface", "plot_surfaces", "save_animation"]
+
+
+#: Colour scales: one linear scale per panel, one linear scale shared by all panels, one log scale.
+COLOR_SCALES = ("per_panel", "shared", "log")
 
 
 def _default_title(surface: LossSurface) -> str:
@@ -37,55 +41,82 @@ def _norm(surfaces: Sequence[LossSurface], log_scale: bool) -> Normalize:
         vmax = vmin + 1e-12 + abs(vmin) * 1e-9
     if log_scale:
         if vmin <= 0:
-            raise ValueError("log_scale=True needs positive losses")
+            raise ValueError("a log colour scale needs positive losses")
         return LogNorm(vmin=vmin, vmax=vmax)
     return Normalize(vmin=vmin, vmax=vmax)
+
+
+def _axis_label(surface: LossSurface, k: int) -> str:
+    # Unit directions: the coordinate is a distance in parameter space; otherwise a multiple of d.
+    norm = surface.direction_norms[k]
+    symbol = ("$\\alpha$", "$\\beta$")[k]
+    if abs(norm - 1.0) < 1e-3:  # unit up to float32 rounding
+        return f"{symbol}: distance along {surface.labels[k]}"
+    return f"{symbol} (multiples of {surface.labels[k]}, $\\|d\\|$={norm:.3g})"
+
+
+def _contour_levels(norm: Normalize, levels: int) -> np.ndarray:
+    """Contour values: geometric on a log scale, else quadratic in the rise above the minimum.
+
+    ``vmin + (vmax − vmin)·(k/n)²`` puts the rings of a quadratic bowl at equal distances, so
+    the flat region around ``w*`` (where a saddle shows) gets as many lines as the steep rim.
+    """
+    if isinstance(norm, LogNorm):
+        return np.geomspace(norm.vmin, norm.vmax, levels)
+    fractions = np.linspace(0.0, 1.0, levels) ** 2
+    return norm.vmin + (norm.vmax - norm.vmin) * fractions[1:]
 
 
 def _draw_surface(ax, surface: LossSurface, norm: Normalize, title: str, levels: int, cmap: str):  # type: ignore[no-untyped-def]
     x, y = surface.coords
     z = surface.losses.T  # rows follow the second direction (y axis)
-    mesh = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="auto")
+    mesh = ax.pcolormesh(x, y, z, norm=norm, cmap=cmap, shading="gouraud")
     if np.isfinite(z).all() and np.ptp(z) > 0:
-        contour_levels = (
-            np.geomspace(norm.vmin, norm.vmax, levels)
-            if isinstance(norm, LogNorm)
-            else np.linspace(norm.vmin, norm.vmax, levels)
-        )
-        ax.contour(x, y, z, levels=contour_levels, colors="white", linewidths=0.6, alpha=0.8)
+        contour_levels = _contour_levels(norm, levels)
+        ax.contour(x, y, z, levels=contour_levels, colors="white", linewidths=0.7, alpha=0.85)
     (xm, ym), _ = surface.grid_minimum()
-    ax.plot([0.0], [0.0], marker="+", color="black", markersize=10, linestyle="none", label="$w^*$")
+    ax.plot([0.0], [0.0], marker="+", color="black", markersize=12, mew=2, linestyle="none",
+            label="$w^*$")  # fmt: skip
     ax.plot(
         [xm], [ym], marker="*", color="red", markersize=12, linestyle="none", label="grid minimum"
     )
     ax.xaxis.set_major_locator(MaxNLocator(5))
-    ax.yaxis.set_major_locator(MaxNLocator(6))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
     ax.ticklabel_format(style="sci", scilimits=(-3, 4), useMathText=True)
-    ax.set_xlabel(f"$\\alpha$ ({surface.labels[0]})")
-    ax.set_ylabel(f"$\\beta$ ({surface.labels[1]})")
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(_axis_label(surface, 0))
+    ax.set_ylabel(_axis_label(surface, 1))
+    ax.set_title(title)
     ax.set_aspect("auto")
     return mesh
 
 
-def _draw_pair(
+def _draw_panels(
     fig: Figure,
     surfaces: Sequence[LossSurface],
     titles: Sequence[str] | None,
-    norm: Normalize,
+    color_scale: str,
     levels: int,
     cmap: str,
     suptitle: str | None,
+    norm: Normalize | None = None,
 ) -> Figure:
     axes = fig.subplots(1, len(surfaces), squeeze=False)[0]
-    mesh = None
+    shared = norm
+    if shared is None and color_scale != "per_panel":
+        shared = _norm(surfaces, color_scale == "log")
+    meshes = []
     for k, (ax, surface) in enumerate(zip(axes, surfaces, strict=True)):
         title = titles[k] if titles is not None else _default_title(surface)
-        mesh = _draw_surface(ax, surface, norm, title, levels, cmap)
-    axes[0].legend(loc="lower left", fontsize=7, framealpha=0.6)
-    fig.colorbar(mesh, ax=list(axes), label="loss", shrink=0.9)
+        panel_norm = shared if shared is not None else _norm([surface], False)
+        meshes.append(_draw_surface(ax, surface, panel_norm, title, levels, cmap))
+    axes[0].legend(loc="lower left", fontsize=8, framealpha=0.7)
+    if shared is None:
+        for ax, mesh in zip(axes, meshes, strict=True):
+            fig.colorbar(mesh, ax=ax, label="loss", shrink=0.95)
+    else:
+        fig.colorbar(meshes[-1], ax=list(axes), label="loss", shrink=0.95)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
+        fig.suptitle(suptitle)
     return fig
 
 
@@ -95,24 +126,74 @@ def _check_2d(surfaces: Sequence[LossSurface]) -> None:
             raise ValueError("surfaces must be 2-D LossSurface objects (two directions)")
 
 
+def _scale_of(color_scale: str | None, log_scale: bool) -> str:
+    if color_scale is None:
+        return "log" if log_scale else "per_panel"
+    if color_scale not in COLOR_SCALES:
+        raise ValueError(f"`color_scale` must be one of {COLOR_SCALES}, got {color_scale!r}")
+    return color_scale
+
+
+#: Font sizes that stay readable when TensorBoard's Images tab shows a figure at ~500 px wide.
+_RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 10, "figure.titlesize": 12}
+
+
+def plot_surface(
+    surface: LossSurface,
+    *,
+    title: str | None = None,
+    color_scale: str = "per_panel",
+    levels: int = 12,
+    cmap: str = "viridis",
+    figsize: tuple[float, float] = (5.4, 4.4),
+) -> Figure:
+    """One loss surface: heat map, contours, axes in direction units, its own colour bar.
+
+    Parameters
+    ----------
+    surface : LossSurface
+        A 2-D surface.
+    title : str, optional
+        Default: names the eigenvalues for Hessian directions, else "Random directions".
+    color_scale : {"per_panel", "shared", "log"}
+        Linear (default) or logarithmic colour scale.
+    levels, cmap, figsize :
+        Appearance.
+    """
+    _check_2d([surface])
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=figsize, dpi=100, layout="constrained")
+        scale = "log" if _scale_of(color_scale, False) == "log" else "per_panel"
+        return _draw_panels(fig, [surface], [title] if title else None, scale, levels, cmap, None)
+
+
 def plot_surfaces(
     hessian_surface: LossSurface,
     random_surface: LossSurface | None = None,
     *,
     titles: Sequence[str] | None = None,
     suptitle: str | None = None,
-    levels: int = 15,
+    levels: int = 12,
     cmap: str = "viridis",
     log_scale: bool = False,
+    color_scale: str | None = None,
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
-    """Heat maps of the Hessian-direction and random-direction surfaces, one shared color scale.
+    """Heat maps of the Hessian-direction and random-direction surfaces side by side.
 
-    Each panel shows the loss (color, with contour lines), the point :math:`w^*` (+) and the
-    grid minimum (red star). The default title of a surface with eigenvalues names
-    :math:`\\lambda_{max}` and :math:`\\lambda_{min}`. Because both panels share one color
-    normalization, the same color means the same loss in both: a saddle that the Hessian panel
-    shows and the random panel hides is visible at a glance.
+    Each panel shows the loss (colour, with contour lines), the point :math:`w^*` (+) and the
+    grid minimum (red star), with axes in the directions' units (parameter-space distance for
+    unit directions). The default title of a surface with eigenvalues names
+    :math:`\\lambda_{max}` and :math:`\\lambda_{min}`.
+
+    Colour scales (``color_scale``): ``"per_panel"`` (default) gives each panel its own linear
+    scale and colour bar, so a plane whose losses span 0.8–2.9 stays readable next to one that
+    spans 0.8–1,900 (the seed figures draw each projection on its own scale, and the saddle of
+    the Hessian plane shows as contours that cross at ``w*``); ``"shared"`` uses one linear
+    scale (same colour = same loss), ``"log"`` one logarithmic scale that keeps both readable
+    when their ranges differ by orders of magnitude.
 
     Parameters
     ----------
@@ -129,7 +210,9 @@ def plot_surfaces(
     cmap : str
         Matplotlib colormap.
     log_scale : bool
-        Logarithmic color scale (needs positive losses).
+        Shorthand for ``color_scale="log"`` (kept for existing callers).
+    color_scale : {"per_panel", "shared", "log"}, optional
+        See above.
     figsize : (float, float), optional
 
     Returns
@@ -140,8 +223,12 @@ def plot_surfaces(
     _check_2d(surfaces)
     if titles is not None and len(titles) != len(surfaces):
         raise ValueError(f"titles: need {len(surfaces)} titles, got {len(titles)}")
-    fig = Figure(figsize=figsize or (5.2 * len(surfaces) + 1.0, 4.4), layout="constrained")
-    return _draw_pair(fig, surfaces, titles, _norm(surfaces, log_scale), levels, cmap, suptitle)
+    scale = _scale_of(color_scale, log_scale)
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=figsize or (5.6 * len(surfaces), 4.6), dpi=100, layout="constrained")
+        return _draw_panels(fig, surfaces, titles, scale, levels, cmap, suptitle)
 
 
 def _slices_of(
@@ -279,9 +366,11 @@ def save_animation(
     fig = Figure(figsize=figsize or (5.2 * n_panels + 1.0, 4.4), layout="constrained")
     path = Path(path)
     writer = PillowWriter(fps=fps)
+    scale = "log" if log_scale else "shared"
     with writer.saving(fig, str(path), dpi):
         for k, f in enumerate(frames):
             fig.clear()
-            _draw_pair(fig, f, None, norm, levels, cmap, titles[k] if titles else None)
+            title = titles[k] if titles else None
+            _draw_panels(fig, f, None, scale, levels, cmap, title, norm=norm)
             writer.grab_frame()
     return path

@@ -47,7 +47,7 @@ def suite() -> list:
     shared = {"num_samples": 63, "batch_size": 16, "seed": 1, "measure_on_train_start": True}
     shared["every_n_epochs"] = 1
     return [
-        cb.HessianTrace(num_matvecs=12, **shared),
+        cb.HessianTrace(num_probes=6, **shared),
         cb.HessianEigenvalues(max_iters=15, **shared),
         cb.HessianSpectrum(num_iters=10, num_points=32, **shared),
         cb.LocalLearningCoefficient(num_chains=2, num_draws=15, num_burnin=5, **shared),

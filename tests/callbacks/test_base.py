@@ -172,15 +172,39 @@ def test_non_finite_scalar_is_warned_and_skipped(tiny, tmp_path):
 
 
 def test_non_finite_loss_skips_the_epoch_without_crashing(tiny, tmp_path):
-    def nan_loss(outputs, targets):
-        return torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
+    import lightning as L
 
-    probe = Probe(loss_fn=nan_loss)
-    t = tiny.trainer(tmp_path, [probe], max_epochs=2)
+    class TurnsNaN:
+        """Finite at setup (the dry run passes), NaN once training has started."""
+
+        broken = False
+
+        def __call__(self, outputs, targets):
+            loss = torch.nn.functional.cross_entropy(outputs, targets)
+            return loss * float("nan") if self.broken else loss
+
+    loss_fn = TurnsNaN()
+
+    class Break(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            loss_fn.broken = True
+
+    probe = Probe(loss_fn=loss_fn)
+    t = tiny.trainer(tmp_path, [probe, Break()], max_epochs=2)
     with pytest.warns(UserWarning, match="loss on the measurement set is nan"):
         t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
     assert probe.calls == []
     assert t.callback_metrics.get("probe/grad_norm") is None
+
+
+def test_non_finite_loss_at_setup_stops_fit_before_training(tiny, tmp_path):
+    def nan_loss(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs, targets) * float("nan")
+
+    t = tiny.trainer(tmp_path, [Probe(loss_fn=nan_loss)], max_epochs=1)
+    with pytest.raises(ValueError, match="finite loss"):
+        t.fit(tiny.Module(), tiny.loader(tiny.make_dataset()))
+    assert t.global_step == 0
 
 
 def test_no_logger_warns_and_metrics_still_reach_lightning(tiny, tmp_path):
@@ -225,19 +249,19 @@ def test_progress_follows_the_trainers_progress_bar(tiny, tmp_path, capsys):
     ds = tiny.make_dataset(n=64)
     tiny.trainer(
         tmp_path,
-        [HessianTrace(num_samples=32, num_matvecs=6), TQDMProgressBar()],
+        [HessianTrace(num_samples=32, num_probes=4, every_n_epochs=1), TQDMProgressBar()],
         max_epochs=1,
         enable_progress_bar=True,
     ).fit(tiny.Module(), tiny.loader(ds))
-    assert "HessianTrace: Hutch++ trace" in capsys.readouterr().out
+    assert "HessianTrace: Krylov-deflated trace" in capsys.readouterr().out
     tiny.trainer(
         tmp_path,
-        [HessianTrace(num_samples=32, num_matvecs=6)],
+        [HessianTrace(num_samples=32, num_probes=4, every_n_epochs=1)],
         max_epochs=1,
         enable_progress_bar=False,
     ).fit(tiny.Module(), tiny.loader(ds))
     captured = capsys.readouterr()
-    assert "Hutch++" not in captured.out + captured.err
+    assert "Krylov" not in captured.out + captured.err
 
 
 def test_progress_uses_a_rich_progress_bar_when_that_is_the_trainers():

@@ -10,19 +10,6 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from lightning_curvature import curvature, landscape, sampling
-
-MISSING = [
-    n
-    for m, names in (
-        (curvature, ("hutchpp_trace", "extreme_eigenpairs", "spectral_density")),
-        (sampling, ("estimate_llc",)),
-        (landscape, ("loss_surface",)),
-    )
-    for n in names
-    if not hasattr(m, n)
-]
-
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 
 
@@ -39,8 +26,6 @@ def _run(devices: int, out: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(bool(MISSING), reason=f"engine not landed yet: {MISSING}")
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 def test_two_processes_measure_what_one_process_measures(tiny, tmp_path):
     _run(1, str(tmp_path / "one"))
@@ -49,12 +34,14 @@ def test_two_processes_measure_what_one_process_measures(tiny, tmp_path):
     two = tiny.scalars(str(tmp_path / "two" / "tb" / "version_0"))
     compared, bad = 0, []
     for tag, series in one.items():
-        if tag.startswith("time/"):
+        # time/ differs by nature; bands/ are value ∓ stderr of tags compared here (near a zero
+        # crossing a relative tolerance on them is meaningless).
+        if tag.startswith(("time/", "bands/")):
             continue
         assert tag in two, tag
         # The HVP-free trace divides float32 loss differences by radius^2, which amplifies the
         # reduction-order rounding of the loss (~1e-7 relative) about a thousandfold.
-        rel = 5e-3 if tag.startswith("landscape/projection_trace") else 2e-4
+        rel = 5e-3 if "landscape/projection_trace" in tag else 2e-4
         for step, value in series.items():
             other = two[tag][step]
             assert math.isfinite(other)

@@ -4,6 +4,7 @@ from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 
 from lightning_curvature.landscape import LossSurface, plot_slices, plot_surfaces, save_animation
+from lightning_curvature.landscape.figures import plot_surface
 
 
 def _surface(shift=0.0, eig=None, steps=5):
@@ -23,7 +24,7 @@ def _surface(shift=0.0, eig=None, steps=5):
 def test_plot_surfaces_shares_one_color_scale_and_marks_minimum():
     hess = _surface(eig=(2.0, -0.5))
     rand = _surface(shift=3.0)
-    fig = plot_surfaces(hess, rand)
+    fig = plot_surfaces(hess, rand, color_scale="shared")
     assert isinstance(fig, Figure)
     meshes = [c for ax in fig.axes[:2] for c in ax.collections if isinstance(c, QuadMesh)]
     assert len(meshes) == 2
@@ -37,6 +38,40 @@ def test_plot_surfaces_shares_one_color_scale_and_marks_minimum():
     star = [ln for ln in fig.axes[0].lines if ln.get_marker() == "*"][0]
     assert star.get_xdata()[0] == 0.0 and abs(star.get_ydata()[0]) == 1.0
     assert len(fig.axes) == 3  # two panels + one shared colorbar
+
+
+def test_default_gives_each_panel_its_own_scale_colour_bar_and_labelled_axes():
+    # ranges that differ by orders of magnitude (the Hessian plane's steep edge vs a flat
+    # random plane): each panel must still span its own colours
+    hess = _surface(eig=(2.0, -0.5))
+    hess.losses = 1.0 + 900.0 * (hess.losses - 1.0)
+    rand = _surface(shift=3.0)
+    fig = plot_surfaces(hess, rand)
+    panels = fig.axes[:2]
+    for ax, s in zip(panels, (hess, rand), strict=True):
+        (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+        assert mesh.norm.vmin == pytest.approx(s.losses.min())
+        assert mesh.norm.vmax == pytest.approx(s.losses.max())
+        assert "distance along" in ax.get_xlabel() and "distance along" in ax.get_ylabel()
+        assert len(ax.collections) > 1  # contour lines on top of the heat map
+    assert len(fig.axes) == 4  # two panels, two colour bars
+    log = plot_surfaces(rand, _surface(shift=500.0), color_scale="log")
+    norms = {
+        type(c.norm).__name__
+        for ax in log.axes[:2]
+        for c in ax.collections
+        if isinstance(c, QuadMesh)
+    }
+    assert norms == {"LogNorm"}
+    with pytest.raises(ValueError, match="color_scale"):
+        plot_surfaces(hess, rand, color_scale="rainbow")
+
+
+def test_plot_surface_draws_one_panel_with_its_colour_bar():
+    fig = plot_surface(_surface(eig=(2.0, -0.5)), title="epoch 3")
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "epoch 3"
+    width, height = fig.get_size_inches() * fig.dpi
+    assert 400 <= width <= 700 and 300 <= height <= 600  # legible in TensorBoard's Images tab
 
 
 def test_plot_slices_overlays_quadratic_prediction():
