@@ -63,12 +63,10 @@ def _charts(cb: CurvatureCallback) -> dict[str, dict[str, Chart]]:
     if isinstance(cb, HessianSpectrum):
         return {
             "curvature": {
-                f"share of eigenvalues below −3σ (SLQ){suffix}": _line(
-                    t("curvature/negative_fraction_3sigma")
-                ),
-                f"share of eigenvalues below 0 (SLQ, ~0.5 from the broadened bulk){suffix}": _line(
+                f"Hessian index: share of eigenvalues below −τ (SLQ){suffix}": _line(
                     t("curvature/negative_fraction")
                 ),
+                f"τ, resolution of the index{suffix}": _line(t("curvature/negative_fraction_tau")),
             }
         }
     if isinstance(cb, LocalLearningCoefficient):
@@ -81,6 +79,9 @@ def _charts(cb: CurvatureCallback) -> dict[str, dict[str, Chart]]:
                 ),
                 f"WBIC{suffix}": _line(t("llc/wbic")),
                 f"L_n(w*), loss at the weights{suffix}": _line(t("llc/init_loss")),
+                f"w* not a minimum (1: chains found lower loss){suffix}": _line(
+                    t("llc/not_minimum")
+                ),
             }
         }
     if isinstance(cb, LossProjection):

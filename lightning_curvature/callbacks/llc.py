@@ -145,7 +145,10 @@ class LocalLearningCoefficient(CurvatureCallback):
             "bands/llc/lambda_hat_lower": mean - std,
             "bands/llc/lambda_hat_upper": mean + std,
             "llc/init_loss": est.init_loss,
+            # 1 when the chains found lower loss next to w*: λ̂ is then no complexity measure.
+            "llc/not_minimum": 0.0 if est.at_minimum else 1.0,
             "diagnostics/llc/diverged_chains": float(len(est.diverged_chains)),
+            "diagnostics/llc/nan_gradient_chains": float(len(est.nan_gradient_chains)),
         }
         if est.wbic is not None:
             scalars["llc/wbic"] = est.wbic

@@ -21,7 +21,12 @@ class HessianSpectrum(CurvatureCallback):
 
     SLQ (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019): ``num_runs`` Lanczos runs of
     ``num_iters`` steps from random unit vectors give Ritz values θ and weights τ; the density is
-    ``φ(t) ≈ (1/runs) Σ_runs Σ_k τ_k g_σ(t − θ_k)``. The negative fraction is ``∫_{t<0} φ``.
+    ``φ(t) ≈ (1/runs) Σ_runs Σ_k w_k g_σ(t − θ_k)``. ``curvature/negative_fraction`` is the
+    Hessian index: the quadrature mass of the (unbroadened) Ritz values below ``−τ``,
+    ``(1/runs) Σ_runs Σ_k w_k [θ_k < −τ]``, where the resolution τ is derived from the Lanczos run
+    (the largest residual of a node whose sign the run leaves open; see
+    :meth:`~lightning_curvature.curvature.SpectralDensity.index`) and logged as
+    ``curvature/negative_fraction_tau``. The broadened density is for the picture only.
     ``curvature/spectrum`` is a figure (density on a log scale) and
     ``curvature/spectrum_histogram`` a TensorBoard histogram (expected eigenvalue counts per bin).
 
@@ -45,10 +50,11 @@ class HessianSpectrum(CurvatureCallback):
 
     Notes
     -----
-    In an over-parametrized network most eigenvalues sit at ~0; the Gaussian broadening puts
-    half of that bulk below zero, so ``curvature/negative_fraction`` (the contract tag, mass
-    below 0) is close to 0.5 whatever the landscape. ``curvature/negative_fraction_3sigma``
-    (mass below −3σ) is the informative index density. The runs use the epoch's shared Hessian
+    In an over-parametrized network most eigenvalues sit at ~0; the Gaussian broadening of the
+    picture puts half of that bulk below zero (mass of the broadened density below 0 reads ≈ 0.5
+    whatever the landscape), which is why the index counts unbroadened nodes below −τ. With
+    ``num_runs >= 2`` its standard error over runs is logged as
+    ``curvature/negative_fraction_stderr``. The runs use the epoch's shared Hessian
     operator (:mod:`.shared`), so the spectrum describes the same Hessian as the trace and the
     extreme eigenvalues; SLQ needs random start vectors, so its Lanczos runs are its own.
     Measured costs are for an MLP 784-256-256-10 on one CPU thread, relative to one
@@ -91,15 +97,14 @@ class HessianSpectrum(CurvatureCallback):
             )
         grid = sd.grid.detach().cpu().double().numpy()
         density = sd.density.detach().cpu().double().numpy()
-        sigma = sd.sigma
-        result = Measurement(
-            scalars={
-                "curvature/negative_fraction": sd.negative_fraction(),
-                # Below -3σ: the null-space bulk at 0 (most of an over-parametrized network's
-                # spectrum) contributes Φ(-3) ≈ 0.1% of its mass instead of half of it.
-                "curvature/negative_fraction_3sigma": sd.negative_fraction(-3.0 * sigma),
-            }
-        )
+        index = sd.index()
+        scalars = {
+            "curvature/negative_fraction": index.value,
+            "curvature/negative_fraction_tau": index.tau,
+        }
+        if np.isfinite(index.stderr):
+            scalars["curvature/negative_fraction_stderr"] = index.stderr
+        result = Measurement(scalars=scalars)
         if np.all(np.isfinite(grid)) and np.all(np.isfinite(density)) and len(grid) > 1:
             width = np.gradient(grid)
             counts = np.clip(density, 0.0, None) * width * op.dim

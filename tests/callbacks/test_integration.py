@@ -40,7 +40,9 @@ CONTRACT_SCALARS = [
     "curvature/lambda_max",
     "curvature/lambda_min",
     "curvature/negative_fraction",
+    "curvature/negative_fraction_tau",
     "llc/lambda_hat",
+    "llc/not_minimum",
     "llc/lambda_hat_std",
     "llc/wbic",
     "llc/init_loss",
@@ -70,6 +72,8 @@ def test_full_suite_logs_every_contract_tag(tiny, tmp_path):
         assert tag in logged, tag
         assert all(math.isfinite(v) for v in logged[tag].values()), tag
     assert sorted(logged["curvature/trace"]) == [0, 1, 2]
+    assert set(logged["llc/not_minimum"].values()) <= {0.0, 1.0}
+    assert all(0.0 <= v <= 1.0 for v in logged["curvature/negative_fraction"].values())
     assert sorted(logged["optim/update_norm"]) == [1, 2]
     imgs = tiny.images(log_dir)
     for tag in ("landscape/hessian", "landscape/random", "curvature/spectrum", "llc/trace"):
@@ -121,7 +125,8 @@ def test_trace_and_eigenvalues_match_dense_hessian_of_the_measurement_set(tiny, 
     trace_cb = cb.HessianTrace(krylov_iters=d, num_probes=4, **shared)
     hutchpp = cb.HessianTrace(method="hutchpp", num_matvecs=3 * d + 3, name="hutchpp", **shared)
     eig_cb = cb.HessianEigenvalues(max_iters=d, tol=1e-8, **shared)
-    t = tiny.trainer(tmp_path, [trace_cb, hutchpp, eig_cb], max_epochs=1)
+    spectrum_cb = cb.HessianSpectrum(num_iters=d, num_runs=8, num_points=64, **shared)
+    t = tiny.trainer(tmp_path, [trace_cb, hutchpp, eig_cb, spectrum_cb], max_epochs=1)
     t.fit(module, tiny.loader(ds))
     logged = tiny.scalars(t.logger.log_dir)
     x, y = _measurement_tensors(ds, 50, 4)
@@ -131,6 +136,11 @@ def test_trace_and_eigenvalues_match_dense_hessian_of_the_measurement_set(tiny, 
     assert logged["curvature/trace/hutchpp"][1] == pytest.approx(float(torch.trace(H)), rel=1e-3)
     assert logged["curvature/lambda_max"][1] == pytest.approx(float(evals[-1]), rel=1e-3)
     assert logged["curvature/lambda_min"][1] == pytest.approx(float(evals[0]), rel=1e-3, abs=1e-5)
+    # the index: share of the materialized Hessian's eigenvalues below -tau (tau as logged)
+    tau = logged["curvature/negative_fraction_tau"][1]
+    exact_index = float((evals < -tau).double().mean())
+    stderr = logged["curvature/negative_fraction_stderr"][1]
+    assert abs(logged["curvature/negative_fraction"][1] - exact_index) <= 4 * stderr + 0.02
 
 
 def test_llc_uses_training_set_size_and_measurement_loss(tiny, tmp_path):
