@@ -5,7 +5,18 @@ import pytest
 
 @pytest.mark.parametrize(
     "name",
-    ["curvature", "sampling", "landscape", "optim", "callbacks", "data", "models", "cli"],
+    [
+        "checks",
+        "curvature",
+        "sampling",
+        "landscape",
+        "optim",
+        "permutation",
+        "callbacks",
+        "data",
+        "models",
+        "cli",
+    ],
 )
 def test_layers_import(name):
     importlib.import_module(f"lightning_curvature.{name}")
@@ -17,7 +28,8 @@ def test_engine_layers_do_not_import_lightning():
 
     code = (
         "import sys, lightning_curvature.curvature, lightning_curvature.sampling, "
-        "lightning_curvature.landscape, lightning_curvature.optim; "
+        "lightning_curvature.landscape, lightning_curvature.optim, "
+        "lightning_curvature.permutation, lightning_curvature.checks; "
         "bad = [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.') "
         "or m.startswith('pytorch_lightning')]; print(bad); sys.exit(1 if bad else 0)"
     )
