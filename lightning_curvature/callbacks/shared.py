@@ -42,7 +42,7 @@ from lightning_curvature.curvature import BatchSet, ExtremeEigenpairs, LanczosRe
 from .distributed import DistributedInfo
 from .measurement_set import derive_seed
 
-__all__ = ["EpochMeasurement", "KrylovRun", "MeasurementStore", "SetKey", "deflated_trace"]
+__all__ = ["EpochMeasurement", "KrylovRun", "MeasurementStore", "SetKey"]
 
 #: Salt of the shared Lanczos run's generator.
 _KRYLOV_SALT = 0x4B52
@@ -80,80 +80,6 @@ class KrylovRun:
     lanczos: LanczosResult
     eigenpairs: ExtremeEigenpairs
     seconds: float
-
-
-def extreme_ritz_pairs(op: Any, run: LanczosResult, tol: float) -> ExtremeEigenpairs:
-    """Extreme Ritz pairs of a Lanczos run, checked with two explicit products.
-
-    ``θ, S = eig(T_k)``; ``v_max = Q_k s_max``, ``v_min = Q_k s_min``; the reported eigenvalues
-    are the Rayleigh quotients ``vᵀHv`` and the residuals ``‖Hv − (vᵀHv) v‖`` of one explicit
-    product each (Lanczos 1950; as :func:`~lightning_curvature.curvature.extreme_eigenpairs`).
-    """
-    assert run.basis is not None
-    theta, ritz = run.ritz()
-    cols = ritz[:, [theta.numel() - 1, 0]].to(dtype=run.basis.dtype, device=run.basis.device)
-    vectors = run.basis @ cols
-    vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    images = op.matmat(vectors).to(torch.float64)
-    v64 = vectors.to(torch.float64)
-    rayleigh = (v64 * images).sum(dim=0)
-    residuals = (images - v64 * rayleigh).norm(dim=0)
-    scale = float(rayleigh.abs().max())
-    converged = bool(residuals.max() <= tol * scale) if scale > 0 else bool(residuals.max() == 0)
-    return ExtremeEigenpairs(
-        lambda_max=float(rayleigh[0]),
-        lambda_min=float(rayleigh[1]),
-        v_max=vectors[:, 0].clone(),
-        v_min=vectors[:, 1].clone(),
-        residual_max=float(residuals[0]),
-        residual_min=float(residuals[1]),
-        converged=converged,
-        num_matvecs=run.num_matvecs + 2,
-        seconds=run.seconds,
-    )
-
-
-class _Deflated:
-    """``P H P`` with ``P = I − Q Qᵀ`` (Q orthonormal columns): the part of H that Q misses."""
-
-    def __init__(self, op: Any, basis: Tensor) -> None:
-        self.op, self.basis = op, basis
-        self.dim, self.dtype, self.device = op.dim, basis.dtype, basis.device
-
-    def _project(self, x: Tensor) -> Tensor:
-        return x - self.basis @ (self.basis.T @ x)
-
-    def matmat(self, x: Tensor) -> Tensor:
-        return self._project(self.op.matmat(self._project(x)))
-
-    def matvec(self, x: Tensor) -> Tensor:
-        return self.matmat(x[:, None])[:, 0]
-
-
-def deflated_trace(
-    op: Any, run: LanczosResult, num_probes: int, generator: torch.Generator
-) -> curvature.TraceEstimate:
-    r"""``tr H = tr(T_k) + tr(P H P)``: exact on the Krylov space, Hutchinson on the rest.
-
-    With ``Q = Q_k`` the Lanczos basis (orthonormal, drawn independently of the probes),
-    ``tr H = tr(QᵀHQ) + tr((I−QQᵀ)H(I−QQᵀ))`` exactly and ``tr(QᵀHQ) = Σ α_j`` is already known
-    from the run; the remainder is estimated by Hutchinson with ``num_probes`` Rademacher probes
-    (one product each), unbiased, with the standard error of those terms. This is Hutch++
-    (Meyer, Musco, Musco & Woodruff 2021) with the sketch replaced by the Krylov space, which
-    captures the dominant eigenvectors better for the same products ("Krylov-aware" trace
-    estimation, Chen & Hallman 2023) and is free here because the eigenvalue run needs it anyway.
-    """
-    assert run.basis is not None
-    start = time.perf_counter()
-    low_rank = float(run.alphas.sum())
-    rest = curvature.hutchinson_trace(_Deflated(op, run.basis), num_probes, generator=generator)
-    return curvature.TraceEstimate(
-        value=low_rank + rest.value,
-        stderr=rest.stderr,
-        num_matvecs=num_probes,
-        seconds=time.perf_counter() - start,
-        num_probes=num_probes,
-    )
 
 
 @dataclass
@@ -205,7 +131,7 @@ class EpochMeasurement:
             g.manual_seed(derive_seed(self.key.seed, self.step, _KRYLOV_SALT))
             v0 = self._start_vector(op, g)
             run = curvature.lanczos(counted, iters, v0=v0, generator=g, keep_basis=True)
-            pairs = extreme_ritz_pairs(counted, run, tol)
+            pairs = curvature.extreme_ritz_pairs(counted, run, tol)
             if torch.isfinite(pairs.v_max).all() and torch.isfinite(pairs.v_min).all():
                 self.store.warm_starts[self.key] = (
                     pairs.v_max.detach().cpu(),

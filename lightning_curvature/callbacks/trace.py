@@ -11,7 +11,7 @@ from lightning_curvature.checks import check_choice, check_int
 
 from .base import CurvatureCallback, Measurement, MeasurementContext
 from .progress import CountingOperator
-from .shared import MeasurementStore, SetKey, deflated_trace
+from .shared import MeasurementStore, SetKey
 
 __all__ = ["HessianTrace"]
 
@@ -96,7 +96,7 @@ class HessianTrace(CurvatureCallback):
         if self.method == "krylov":
             with ctx.progress("Krylov-deflated trace", self.num_probes) as bar:
                 run = ctx.shared.krylov(lambda o: CountingOperator(o, bar))
-                est = deflated_trace(
+                est = curvature.krylov_deflated_trace(
                     CountingOperator(op, bar), run.lanczos, self.num_probes, ctx.generator
                 )
         else:

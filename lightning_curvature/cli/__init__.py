@@ -20,10 +20,10 @@ one line on stderr with exit status 2, no traceback.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+from lightning_curvature._lazy import lazy_exports
 
 from .errors import CLIError, RunsNotFoundError
 
@@ -72,12 +72,7 @@ commands:
 """
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

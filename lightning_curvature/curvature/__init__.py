@@ -4,7 +4,12 @@ from .batches import BatchSet, as_batch_set
 from .blocks import parameter_blocks
 from .decomposition import SpectrumDecomposition, spectrum_decomposition
 from .density import spectral_density
-from .eigen import block_extreme_eigenpairs, extreme_eigenpairs, opposite_sign_eigenpair
+from .eigen import (
+    block_extreme_eigenpairs,
+    extreme_eigenpairs,
+    extreme_ritz_pairs,
+    opposite_sign_eigenpair,
+)
 from .functional import FunctionalLoss, LossFn, NondeterministicModelError, module_mode
 from .ggn import GGNOperator
 from .hessian import HessianOperator
@@ -31,7 +36,7 @@ from .results import (
     SpectralIndex,
     TraceEstimate,
 )
-from .trace import hutchinson_trace, hutchpp_trace
+from .trace import hutchinson_trace, hutchpp_trace, krylov_deflated_trace
 
 __all__ = [
     "BatchSet",
@@ -64,8 +69,10 @@ __all__ = [
     "TraceEstimate",
     "as_batch_set",
     "extreme_eigenpairs",
+    "extreme_ritz_pairs",
     "hutchinson_trace",
     "hutchpp_trace",
+    "krylov_deflated_trace",
     "lanczos",
     "module_mode",
     "opposite_sign_eigenpair",

@@ -1,6 +1,6 @@
 """Measurement data: one ``(inputs, targets)`` batch or an iterable of them, gathered once.
 
-The contract (``DESIGN.md``, *Loss and data*): the loss over a measurement set is the
+The contract (``docs/architecture.md``): the loss over a measurement set is the
 sample-weighted mean over all its samples, whatever the batch split. :class:`BatchSet` holds the
 batches as tensors on the target device together with their weights ``n_b / N``, so inner loops
 (HVPs, SGLD steps, grid points) never iterate a ``DataLoader`` again.

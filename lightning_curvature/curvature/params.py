@@ -1,6 +1,6 @@
 """One flat parameter vector in a fixed order, shared by every layer of the package.
 
-The convention (``DESIGN.md``, *Parameters*): the trainable parameters of a module, in
+The convention (``docs/architecture.md``): the trainable parameters of a module, in
 ``named_parameters()`` order, concatenated into one vector of length ``dim``. Every operator,
 estimator, sampler, direction and optimizer in the package speaks this layout, so a vector
 produced by one (an eigenvector, a random direction, an SGLD draw) can be fed to another.

@@ -11,8 +11,7 @@ Lightning installed (the benchmarks' peer virtualenv).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_curvature._lazy import lazy_exports
 
 from .idx import IDXFile, IDXFormatError, encode_idx, parse_idx, read_idx
 from .packaged import sample_dir
@@ -63,13 +62,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_curvature.checks import check_choice
+
 from .idx import IDXFile, IDXFormatError, decompress, parse_idx, read_idx
 
 __all__ = [
@@ -363,8 +365,7 @@ def resolve_split(
     DatasetNotFoundError
         A required file is neither found locally nor downloadable; lists where it looked.
     """
-    if split not in spec.splits:
-        raise ValueError(f"split must be one of {sorted(spec.splits)}, got {split!r}")
+    check_choice("split", split, sorted(spec.splits))
     dirs = search_dirs(spec, data_dir)
     files = spec.splits[split]
     paths: dict[str, Path] = {}

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_curvature.checks import check_choice
+
 from .sources import DATASETS, DatasetSpec, load_split
 
 __all__ = ["load_tensors", "normalize", "pixels_to_unit"]
@@ -58,8 +60,7 @@ def load_tensors(
         As for :func:`~lightning_curvature.data.sources.load_split` (lookup order, download,
         checksums); downloading is off by default here.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
+    check_choice("dataset", dataset, sorted(DATASETS))
     spec = DATASETS[dataset]
     images, labels = load_split(
         spec, split, data_dir=data_dir, download=download, verify_checksums=verify_checksums

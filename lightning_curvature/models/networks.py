@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_curvature.checks import ArgumentError, check_choice, check_int
+
 __all__ = ["ACTIVATIONS", "MLP", "LeNet5", "make_activation", "num_parameters"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -21,9 +23,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 def make_activation(name: str) -> nn.Module:
     """A fresh activation module from its name (one of :data:`ACTIVATIONS`)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[check_choice("activation", name, sorted(ACTIVATIONS))]()
 
 
 class MLP(nn.Module):
@@ -54,13 +54,15 @@ class MLP(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        if input_size < 1:
-            raise ValueError(f"input_size must be >= 1, got {input_size}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        hidden_sizes = [int(h) for h in hidden_sizes]
-        if any(h < 1 for h in hidden_sizes):
-            raise ValueError(f"hidden_sizes must all be >= 1, got {hidden_sizes}")
+        input_size = check_int("input_size", input_size, minimum=1)
+        num_classes = check_int("num_classes", num_classes, minimum=2)
+        if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
+            raise ArgumentError(
+                f"`hidden_sizes` must be a sequence of integers >= 1, got {hidden_sizes!r}"
+            )
+        hidden_sizes = [
+            check_int(f"hidden_sizes[{i}]", h, minimum=1) for i, h in enumerate(hidden_sizes)
+        ]
         make_activation(activation)  # validates the name before building anything
         self.input_size = input_size
         self.hidden_sizes = tuple(hidden_sizes)
@@ -95,10 +97,8 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10, activation: str = "relu", pooling: str = "max"):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if pooling not in ("max", "avg"):
-            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
+        num_classes = check_int("num_classes", num_classes, minimum=2)
+        check_choice("pooling", pooling, ("max", "avg"))
         make_activation(activation)
         pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
         self.num_classes = num_classes

@@ -12,7 +12,7 @@ import torch
 
 import lightning_curvature.callbacks as cb
 from lightning_curvature import curvature
-from lightning_curvature.callbacks.shared import deflated_trace
+from lightning_curvature.curvature import krylov_deflated_trace as deflated_trace
 from lightning_curvature.landscape import LossSurface
 
 
