@@ -31,7 +31,7 @@ from lightning_curvature.curvature.operators import OperatorLike, as_operator
 from lightning_curvature.curvature.params import ParameterLayout
 from lightning_curvature.curvature.probes import as_generator
 
-from .evaluation import evaluate_points
+from .evaluation import evaluate_with_center
 
 __all__ = [
     "ProjectionCurvatures",
@@ -312,10 +312,10 @@ def projection_trace_hvp_free(
     alphas[num_points // 2] = 0.0
     nonzero = np.delete(alphas, num_points // 2)
     m = len(nonzero)
-    coefficients = np.zeros((num_directions * m + 1, num_directions))
+    coefficients = np.zeros((num_directions * m, num_directions))
     for j in range(num_directions):
         coefficients[j * m : (j + 1) * m, j] = nonzero
-    result = evaluate_points(
+    result, center = evaluate_with_center(
         model,
         loss_fn,
         data,
@@ -328,7 +328,6 @@ def projection_trace_hvp_free(
         memory_budget=memory_budget,
     )
     losses = result.losses.numpy()
-    center = losses[-1]
     design = np.stack([np.ones_like(alphas), alphas, alphas**2], axis=1)
     curvatures = np.empty(num_directions)
     rmse = np.empty(num_directions)
