@@ -10,13 +10,12 @@ from lightning_curvature.checks import check_float, check_int
 
 from .base import CurvatureCallback, Measurement, MeasurementContext
 from .progress import CountingOperator
-from .shared import MeasurementStore, SetKey
-from .warm_start import WarmStartState
+from .warm_start import SharedLanczosReader
 
 __all__ = ["HessianEigenvalues"]
 
 
-class HessianEigenvalues(CurvatureCallback):
+class HessianEigenvalues(SharedLanczosReader, CurvatureCallback):
     """Log ``curvature/lambda_max`` and ``curvature/lambda_min`` (both ends from one Lanczos run).
 
     Lanczos on Hessian-vector products (Lanczos 1950; Ghorbani, Krishnan & Xiao 2019) converges
@@ -49,24 +48,11 @@ class HessianEigenvalues(CurvatureCallback):
         super().__init__(every_n_epochs=every_n_epochs, **kwargs)
         self.max_iters: int = check_int("max_iters", max_iters, minimum=2)  # type: ignore[assignment]
         self.tol: float = check_float("tol", tol, low=0.0, high=1.0, low_open=True)  # type: ignore[assignment]
-        self._warm = WarmStartState()
-
-    @override
-    def register_shared(self, store: MeasurementStore, key: SetKey) -> None:
-        store.register(key, self, krylov_iters=self.max_iters, tol=self.tol)
-        self._warm.attach(store, key)
+        self._init_lanczos_reader()
 
     @override
     def memory_bytes(self, dim: int, num_samples: int) -> int:
         return 8 * dim * (self.max_iters + 4)
-
-    @override
-    def extra_state(self) -> dict[str, Any]:
-        return {"warm_start": self._warm.state()}
-
-    @override
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._warm.load(state.get("warm_start"))
 
     @override
     def measure(self, ctx: MeasurementContext) -> Measurement:

@@ -19,8 +19,7 @@ from lightning_curvature.landscape.figures import plot_surface, plot_surfaces
 from .base import CurvatureCallback, Measurement, MeasurementContext
 from .measurement_set import derive_seed
 from .progress import CountingOperator
-from .shared import MeasurementStore, SetKey
-from .warm_start import WarmStartState
+from .warm_start import SharedLanczosReader
 
 __all__ = ["LossProjection", "curvature_extent"]
 
@@ -38,7 +37,7 @@ def curvature_extent(curvature: float, rise: float, cap: float) -> float:
     return math.sqrt(2.0 * rise / abs(curvature))
 
 
-class LossProjection(CurvatureCallback):
+class LossProjection(SharedLanczosReader, CurvatureCallback):
     """Loss maps along ``(v_max, v_min)`` and along two random directions, plus statistics.
 
     Random 2-D projections hide saddles: in expectation a random direction sees curvature
@@ -137,12 +136,7 @@ class LossProjection(CurvatureCallback):
         self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS)
         self.color_scale = check_choice("color_scale", color_scale, ("per_panel", "log"))
         self._random_dirs: list[Tensor] | None = None
-        self._warm = WarmStartState()
-
-    @override
-    def register_shared(self, store: MeasurementStore, key: SetKey) -> None:
-        store.register(key, self, krylov_iters=self.max_iters, tol=self.tol)
-        self._warm.attach(store, key)
+        self._init_lanczos_reader()
 
     @override
     def memory_bytes(self, dim: int, num_samples: int) -> int:
@@ -150,12 +144,12 @@ class LossProjection(CurvatureCallback):
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"random_directions": self._random_dirs, "warm_start": self._warm.state()}
+        return {**super().extra_state(), "random_directions": self._random_dirs}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self._random_dirs = state.get("random_directions")
-        self._warm.load(state.get("warm_start"))
 
     def _random_directions(self, ctx: MeasurementContext, dim: int) -> list[Tensor]:
         if self._random_dirs is None or any(d.numel() != dim for d in self._random_dirs):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .shared import MeasurementStore, SetKey
 
-__all__ = ["WarmStartState"]
+__all__ = ["SharedLanczosReader", "WarmStartState"]
 
 
 class WarmStartState:
@@ -42,3 +42,28 @@ class WarmStartState:
         if pair is not None and self._store is not None and self._key is not None:
             self._store.set_warm_start(self._key, pair)  # type: ignore[arg-type]
             self._pending = None
+
+
+class SharedLanczosReader:
+    """Mixin for callbacks that read the epoch's shared Lanczos run (``max_iters``, ``tol``).
+
+    Registers the reader's Lanczos budget with the store and checkpoints the run's warm start
+    under ``"warm_start"`` of the callback's extra state. Put it before ``CurvatureCallback`` in
+    the bases; call :meth:`_init_lanczos_reader` after setting ``max_iters`` and ``tol``.
+    """
+
+    max_iters: int
+    tol: float
+
+    def _init_lanczos_reader(self) -> None:
+        self._warm = WarmStartState()
+
+    def register_shared(self, store: MeasurementStore, key: SetKey) -> None:
+        store.register(key, self, krylov_iters=self.max_iters, tol=self.tol)
+        self._warm.attach(store, key)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"warm_start": self._warm.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._warm.load(state.get("warm_start"))

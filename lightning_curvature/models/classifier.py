@@ -206,8 +206,8 @@ class ImageClassifier(pl.LightningModule):
             fisher_type=hp.fisher_type,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
-            damping=hp.get("damping", "per_parameter"),
-            rescale=hp.get("rescale", False),
+            damping=hp.damping,
+            rescale=hp.rescale,
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
