@@ -61,6 +61,9 @@ class Test:
 def welch(a, b) -> Test:
     """Welch's unequal-variance t-test of mean(a) − mean(b) (Welch 1947)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]  # a run without that measurement
+    if not len(a) or not len(b):
+        return Test(math.nan, math.nan, math.nan, math.nan, f"{len(a)} vs {len(b)}")
     diff = a.mean() - b.mean()
     if len(a) < 2 or len(b) < 2:
         return Test(diff, math.nan, math.nan, math.nan, f"{len(a)} vs {len(b)}")
@@ -146,6 +149,8 @@ def claim1(save_dir: Path) -> list[str]:
                 continue
             for tag, what in ((LLC, "λ̂"), (TRACE, "tr H")):
                 test = welch([last(r, tag) for r in arms[ngd]], [last(r, tag) for r in arms["sgd"]])
+                if not math.isfinite(test.effect):
+                    continue  # not measured in these runs
                 losses = (
                     np.mean([last(r, TRAIN_LOSS) for r in arms[ngd]]),
                     np.mean([last(r, TRAIN_LOSS) for r in arms["sgd"]]),
