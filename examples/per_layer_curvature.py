@@ -83,7 +83,8 @@ def main() -> None:
         make().savefig(out / name, dpi=110)
     scalars = _logged_scalars(logdir)
     record = {
-        "settings": vars(args) | {"model": "MLP 784-128-128-10 (ReLU), SGD lr 0.05, batch 128"},
+        "settings": {k: v for k, v in vars(args).items() if k != "logdir"}
+        | {"model": "MLP 784-128-128-10 (ReLU), SGD lr 0.05, batch 128"},
         "seconds": seconds,
         "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
         "scalars": scalars,
