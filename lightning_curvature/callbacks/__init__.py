@@ -7,9 +7,11 @@ curvature callbacks on one Trainer share one measurement per epoch (measurement 
 operator, Lanczos run: :mod:`.shared`), so every number of an epoch describes the same Hessian.
 
 - :class:`HessianTrace` — ``curvature/trace`` ± ``curvature/trace_stderr`` (Krylov-deflated
-  Hutchinson on the shared Lanczos basis, or Hutch++).
+  Hutchinson on the shared Lanczos basis, or Hutch++) and ``curvature/trace_layer/<name>``.
 - :class:`HessianEigenvalues` — ``curvature/lambda_max``, ``curvature/lambda_min`` (Lanczos).
 - :class:`HessianSpectrum` — ``curvature/negative_fraction``, ``curvature/spectrum`` (SLQ).
+- :class:`HessianDecomposition` — ``curvature/spectrum_decomposition`` (spectra of H, its
+  Gauss–Newton part and the residual) and ``curvature/decomposition/trace_*`` (opt-in).
 - :class:`LocalLearningCoefficient` — ``llc/lambda_hat`` ± std, ``llc/wbic``, ``llc/init_loss``.
 - :class:`LossProjection` — ``landscape/hessian`` vs ``landscape/random`` loss maps, saddle
   fraction, HVP-free trace (with its radius), ``.npz`` snapshots.
@@ -21,6 +23,7 @@ operator, Lanczos run: :mod:`.shared`), so every number of an epoch describes th
 from .base import CurvatureCallback, Measurement, MeasurementContext, MeasurementError
 from .contract import LossContractError
 from .dashboard import CurvatureDashboard, dashboard_layout
+from .decomposition import HessianDecomposition
 from .eigenvalues import HessianEigenvalues
 from .llc import LocalLearningCoefficient
 from .optimizer_monitor import OptimizerMonitor
@@ -33,6 +36,7 @@ __all__ = [
     "CurvatureCallback",
     "CurvatureDashboard",
     "EpochMeasurement",
+    "HessianDecomposition",
     "HessianEigenvalues",
     "HessianSpectrum",
     "HessianTrace",

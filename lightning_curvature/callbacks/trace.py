@@ -7,15 +7,28 @@ from typing import Any
 from typing_extensions import override
 
 from lightning_curvature import curvature
-from lightning_curvature.checks import check_choice, check_int
+from lightning_curvature.checks import check_bool, check_choice, check_int
+from lightning_curvature.curvature import BlockTrace
 
 from .base import CurvatureCallback, Measurement, MeasurementContext
 from .progress import CountingOperator
 from .shared import MeasurementStore, SetKey
 
-__all__ = ["HessianTrace"]
+__all__ = ["HessianTrace", "layer_tag"]
 
 _METHODS = ("krylov", "hutchpp")
+#: Prefix of the per-tensor trace scalars; the bar chart is logged under the prefix itself.
+LAYER_PREFIX = "curvature/trace_layer"
+
+
+def layer_tag(name: str) -> str:
+    """``curvature/trace_layer/<name>`` with the dotted parameter name's ``.`` mapped to ``/``.
+
+    ``net.0.weight`` becomes ``curvature/trace_layer/net/0/weight``: the tag mirrors the module
+    tree (TensorBoard groups and filters by ``/``), and the mapping is reversible because
+    parameter names contain no ``/``.
+    """
+    return f"{LAYER_PREFIX}/{name.replace('.', '/')}"
 
 
 class HessianTrace(CurvatureCallback):
@@ -33,6 +46,15 @@ class HessianTrace(CurvatureCallback):
     Also logged: ``bands/curvature/trace_lower`` / ``bands/curvature/trace_upper`` (value ∓
     stderr, for the dashboard's margin chart).
 
+    Per layer (``per_layer=True``, the default): ``curvature/trace_layer/<name>`` for every
+    parameter tensor (:func:`layer_tag`: ``net.0.weight`` → ``curvature/trace_layer/net/0/weight``),
+    the trace of its diagonal block ``tr H_bb`` from the same probes (for Rademacher ``z``,
+    ``E[z_bᵀ(Hz)_b] = tr H_bb``; see :func:`~lightning_curvature.curvature.krylov_deflated_trace`),
+    and a bar chart ``curvature/trace_layer`` with ±stderr error bars. The blocks sum to
+    ``curvature/trace``. The cost is one product more per measurement with ``"krylov"``
+    (``H q_k``, which makes the Krylov cross terms of each block exact, in the same block of
+    products as the probes) and none with ``"hutchpp"``.
+
     Parameters
     ----------
     method : {"krylov", "hutchpp"}, optional
@@ -47,6 +69,8 @@ class HessianTrace(CurvatureCallback):
         consumer asks for). Default 20.
     num_matvecs : int, optional
         Products of ``"hutchpp"`` (>= 4). Default 30.
+    per_layer : bool
+        Log the per-tensor traces and their bar chart. Default True.
     every_n_epochs : int
         Default 2, aligned with :class:`~.eigenvalues.HessianEigenvalues` so that both read one
         Lanczos run.
@@ -61,6 +85,7 @@ class HessianTrace(CurvatureCallback):
         num_probes: int = 6,
         krylov_iters: int = 20,
         num_matvecs: int | None = None,
+        per_layer: bool = True,
         every_n_epochs: int = 2,
         **kwargs: Any,
     ) -> None:
@@ -74,6 +99,7 @@ class HessianTrace(CurvatureCallback):
         self.num_matvecs: int = check_int(  # type: ignore[assignment]
             "num_matvecs", 30 if num_matvecs is None else num_matvecs, minimum=4
         )
+        self.per_layer: bool = check_bool("per_layer", per_layer)  # type: ignore[assignment]
 
     @override
     def register_shared(self, store: MeasurementStore, key: SetKey) -> None:
@@ -86,26 +112,35 @@ class HessianTrace(CurvatureCallback):
         columns = (
             self.num_matvecs
             if self.method == "hutchpp"
-            else self.krylov_iters + 2 * self.num_probes
+            else self.krylov_iters + 2 * self.num_probes + 1
         )
         return 3 * 8 * dim * columns
 
     @override
     def measure(self, ctx: MeasurementContext) -> Measurement:
         op = ctx.shared.hessian()
+        blocks = None if self.per_layer else ()  # None: one block per parameter tensor
         if self.method == "krylov":
-            with ctx.progress("Krylov-deflated trace", self.num_probes) as bar:
+            products = self.num_probes + int(self.per_layer)
+            with ctx.progress("Krylov-deflated trace", products) as bar:
                 run = ctx.shared.krylov(lambda o: CountingOperator(o, bar))
                 est = curvature.krylov_deflated_trace(
-                    CountingOperator(op, bar), run.lanczos, self.num_probes, ctx.generator
+                    CountingOperator(op, bar),
+                    run.lanczos,
+                    self.num_probes,
+                    ctx.generator,
+                    blocks=blocks,
                 )
         else:
             with ctx.progress("Hutch++ trace", self.num_matvecs) as bar:
                 est = curvature.hutchpp_trace(
-                    CountingOperator(op, bar), num_matvecs=self.num_matvecs, generator=ctx.generator
+                    CountingOperator(op, bar),
+                    num_matvecs=self.num_matvecs,
+                    generator=ctx.generator,
+                    blocks=blocks,
                 )
         value, stderr = est.value, est.stderr
-        return Measurement(
+        result = Measurement(
             scalars={
                 "curvature/trace": value,
                 "curvature/trace_stderr": stderr,
@@ -113,3 +148,38 @@ class HessianTrace(CurvatureCallback):
                 "bands/curvature/trace_upper": value + stderr,
             }
         )
+        if est.blocks:
+            result.scalars.update({layer_tag(b.name): b.value for b in est.blocks})
+            per_block, step = est.blocks, ctx.step
+            result.figures[LAYER_PREFIX] = lambda: layer_trace_figure(
+                per_block, value, stderr, step
+            )
+        return result
+
+
+def layer_trace_figure(
+    blocks: tuple[BlockTrace, ...], total: float, total_stderr: float, epoch: int
+) -> Any:
+    """Horizontal bars ``tr H_bb`` per parameter tensor with ±stderr error bars."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names = [b.name for b in blocks]
+    values = np.array([b.value for b in blocks])
+    errors = np.array([b.stderr if np.isfinite(b.stderr) else 0.0 for b in blocks])
+    height = min(2.0 + 0.32 * len(blocks), 14.0)
+    fig = Figure(figsize=(6.4, height), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    rows = np.arange(len(blocks))
+    colors = ["C0" if v >= 0 else "C3" for v in values]
+    ax.barh(rows, values, xerr=errors, color=colors, ecolor="0.2", capsize=3)
+    ax.set_yticks(rows, names, fontsize=8 if len(blocks) <= 30 else 6)
+    ax.invert_yaxis()  # first parameter on top, as in named_parameters()
+    ax.axvline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("tr H_bb (± stderr)")
+    ax.set_title(
+        f"Hessian trace per parameter tensor, epoch {epoch}\n"
+        f"sum = tr H = {total:.4g} ± {total_stderr:.2g}",
+        fontsize=10,
+    )
+    return fig
