@@ -788,6 +788,12 @@ def main() -> None:
         default=NUM_MEASURE,
         help="samples the curvature is measured on (smaller for a smoke run)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny effort (few reference products, seeds and repeats) to check that every line "
+        "runs; not for figures",
+    )
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument(
         "--line-timeout",
@@ -802,6 +808,11 @@ def main() -> None:
     if args.peer_worker:
         peer_worker(args.peer_worker)
         return
+    if args.smoke:
+        for cfg in SETTINGS.values():
+            cfg.update(ref_matvecs=120, pool=60, seeds=5, verify_seeds=5, peer_repeats=1,
+                       peer_seeds=2, power_seeds=1, lanczos_seeds=1, eig_runs=1,
+                       eig_ref_iters=200, lanczos_iters=60)  # fmt: skip
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     x, y = load_fashion_mnist("train", args.num_measure)

@@ -170,8 +170,9 @@ class ModelCurvatureOperator(CurvatureOperator):
         a class (:func:`block_bucket`: 2, 4, 8, 16, 32 columns; wider blocks run in chunks of
         ``MAX_BATCHED_COLUMNS``) computes half of its columns one by one and the other half in
         one vmapped pass, times both (per column, graphs already built) and keeps the faster
-        route for that class; no product is wasted. Decisions and timings are recorded in
-        :attr:`block_routes` / :attr:`block_route_seconds` and reused by later operators of
+        route for that class; no product is wasted (two columns always loop). Decisions and
+        timings are recorded in :attr:`block_routes` / :attr:`block_route_seconds` and reused
+        by later operators of
         the same kind, model class, parameter shapes, dtype, device, input shape and data size
         in this process. A single column always takes the plain route; the batched route
         pushes at most ``MAX_BATCHED_COLUMNS`` columns through one pass (it holds the
@@ -293,6 +294,8 @@ class ModelCurvatureOperator(CurvatureOperator):
             self.block_route_seconds[bucket] = dict(seconds)
         if bucket in self.block_routes:
             return self._block_products(rows, self.block_routes[bucket] == "batched").T
+        if k == 2:  # halves of one column each: nothing to batch, so nothing to measure
+            return self._products(rows, batched=False).T
         out, batched, seconds = self._measured_products(rows)
         _BLOCK_ROUTE_CACHE[key] = (batched, seconds)
         self.block_routes[bucket] = "batched" if batched else "loop"
