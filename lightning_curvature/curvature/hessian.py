@@ -198,6 +198,12 @@ class HessianOperator(ModelCurvatureOperator):
                     out = out + self._forward_over_reverse(inputs, targets, w, rows, batched)
         return self._reduce(out.detach())
 
+    def _prepare_products(self) -> None:
+        if self.method == "double_backward":
+            self._ensure_cache()
+        elif self.method == "linearize":
+            self._ensure_linearized()
+
     def _route_products(self, batch: Batch, rows: Tensor) -> Any:
         if self.method == "double_backward":
             return super()._route_products(batch, rows)

@@ -316,7 +316,7 @@ class ModelCurvatureOperator(CurvatureOperator):
         budget are rebuilt once per call, i.e. once per half: equal halves pay it equally).
         A route that raises is not chosen; its half is then recomputed by the other route.
         """
-        self._ensure_cache()
+        self._prepare_products()
         half = rows.shape[0] // 2
         parts, seconds = [], {}
         for label, chunk in (("loop", rows[:half]), ("batched", rows[half:])):
@@ -421,6 +421,10 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _apply(self, theta: Tensor, graphs: list[Any], rows: Tensor, batched: bool) -> Tensor:
         raise NotImplementedError
+
+    def _prepare_products(self) -> None:
+        """Build what every product reuses (kept graphs here; subclass routes override)."""
+        self._ensure_cache()
 
     def _ensure_cache(self) -> None:
         if self._cache is not None:
