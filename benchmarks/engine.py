@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +59,52 @@ SETTINGS = {
     "mlp": {"seeds": 20, "ref_matvecs": 1500, "ref_float64": True, "pool": 600,
             "lanczos_seeds": 5, "lanczos_iters": 200, "eig_ref_iters": 3000, "eig_runs": 5,
             "eigsh_sa_maxiter": 60, "peer_repeats": 3, "peer_seeds": 5, "power_seeds": 5,
-            "verify_hutchinson": True,
+            "verify_hutchinson": True, "verify_seeds": 10,
             "hutchpp_budgets": (6, 12, 18, 24, 30, 36, 42, 48, 64, 96, 192, 384)},
     "lenet": {"seeds": 10, "ref_matvecs": 300, "ref_float64": False, "pool": 200,
               "lanczos_seeds": 2, "lanczos_iters": 80, "eig_ref_iters": 400, "eig_runs": 2,
               "eigsh_sa_maxiter": 5, "peer_repeats": 1, "peer_seeds": 0, "power_seeds": 2,
               "verify_hutchinson": False, "hutchpp_budgets": (24, 48, 96)},
 }  # fmt: skip
+
+
+class LineTimeout(Exception):
+    """A benchmark line ran past its ``--line-timeout``."""
+
+
+@contextmanager
+def deadline(seconds: float | None, label: str):
+    """Raise :class:`LineTimeout` inside the block after ``seconds`` (SIGALRM; None: no limit).
+
+    One product or one peer call in flight finishes first (the signal is handled between
+    Python bytecodes), so a line overruns by at most one such step.
+    """
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise LineTimeout(label)
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def guarded(label: str, seconds: float | None, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under :func:`deadline`; on timeout print so and return None."""
+    start = time.perf_counter()
+    try:
+        with deadline(seconds, label):
+            return fn(*args, **kwargs)
+    except LineTimeout:
+        print(f"\n  [{label}: stopped by --line-timeout after {time.perf_counter() - start:.0f} s;"
+              " the lines printed above it are complete]")  # fmt: skip
+        return None
 
 
 def trained(name: str) -> nn.Module:
@@ -164,6 +205,7 @@ def block_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     operator chose at construction (``op.method`` / ``op.block_route``, recorded).
     """
     from lightning_curvature.curvature import HessianOperator
+    from lightning_curvature.curvature.model_operator import block_bucket
 
     loss_fn = nn.CrossEntropyLoss()
     params = list(model.parameters())
@@ -179,18 +221,85 @@ def block_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     for label, kwargs in routes.items():
         op = HessianOperator(model, loss_fn, (x, y), check_determinism=False, **kwargs)
         op.matvec(torch.zeros(op.dim))  # build and keep the graphs
-        chosen = f"{op.method}/{op.block_route}"
         for k in BLOCK_SIZES:
             v = torch.randn(op.dim, k, generator=torch.Generator().manual_seed(k))
+            # warm-up call: for `auto` it is the call that decides this block size's route
             seconds = median_seconds(lambda v=v, op=op: op.matmat(v), repeats=3)
             ratio = seconds / k / t_grad
+            route = "loop" if k == 1 else op.block_routes.get(block_bucket(k), "?")
+            chosen = f"{op.method}/{route}"
             out[f"{label}_{k}"] = {"per_product_over_gradient": ratio, "route": chosen}
             target = ("<= 0.5", ratio <= 0.5) if k > 1 and label == "auto" else (None, None)
             print(report_line(f"  {label} ({chosen}), block {k}: per product / gradient",
                               ratio, *target))  # fmt: skip
         if label == "auto":
-            out["auto_route_seconds"] = dict(op.route_seconds)
+            out["auto_block_route_seconds"] = {
+                str(b): sec for b, sec in op.block_route_seconds.items()
+            }
+            for b, sec in sorted(op.block_route_seconds.items()):
+                print(f"    auto decided block class {b}: loop {sec['loop'] / t_grad:.3g} / "
+                      f"batched {sec['batched'] / t_grad:.3g} per column / gradient")  # fmt: skip
+    bound = product_flop_bound(model, x)
+    if bound:
+        out["bound"] = bound
+        print(report_line("  FLOPs per product / FLOPs per gradient (analytic)",
+                          bound["flop_ratio"]))  # fmt: skip
+        print(report_line(f"  first-layer GEMM rate, {BLOCK_SIZES[-1]} columns / 1 column",
+                          bound["gemm_rate_gain"]))  # fmt: skip
+        print(report_line("  => least per product / gradient a block can reach here",
+                          bound["floor"], "<= 0.5", bound["floor"] <= 0.5)
+              + "   (target unreachable unless this floor is <= 0.5)")  # fmt: skip
     return out
+
+
+def linear_layers(model: nn.Module) -> list[tuple[int, int]] | None:
+    """``(in, out)`` of each ``Linear`` when ``model`` is a Flatten/Linear/ReLU chain, else None."""
+    layers = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            layers.append((m.in_features, m.out_features))
+        elif not isinstance(m, (nn.Sequential, nn.Flatten, nn.ReLU)):
+            return None
+    return layers or None
+
+
+def product_flop_bound(model: nn.Module, x: torch.Tensor) -> dict | None:
+    """FLOP count of one Hessian product vs one gradient (Linear/ReLU chains), and the rate bound.
+
+    Gradient: forward ``2N Σ io`` + weight gradients ``2N Σ io`` + input gradients
+    ``2N Σ_{l>1} io`` (the images need none). Product through the kept gradient graph (double
+    backward): the first layer needs two ``N·in·out`` GEMMs (``X Vᵀ`` into the tangent of its
+    output-gradient and ``Xᵀ R`` for its weight block), exactly as the gradient does; each later
+    layer about six (both factors of its weight-gradient and input-gradient nodes, and the
+    forward node). Every column has its own ``V``, so a block of k products costs k times these
+    FLOPs; blocking can only raise the GEMM rate. The rate gain is measured on the first layer's
+    GEMM (``N x in`` times ``in x (k·out)`` vs ``in x out``), and ``floor = flop_ratio / gain``.
+    """
+    layers = linear_layers(model)
+    if layers is None:
+        return None
+    n = x.shape[0]
+    io = [i * o for i, o in layers]
+    grad_flops = 2 * n * (2 * sum(io) + sum(io[1:]))
+    prod_flops = 2 * n * (2 * io[0] + 6 * sum(io[1:]))
+    flat = x.reshape(n, -1)
+    i0, o0 = layers[0]
+    k = BLOCK_SIZES[-1]
+    w1 = torch.randn(i0, o0, generator=torch.Generator().manual_seed(0))
+    wk = torch.randn(i0, o0 * k, generator=torch.Generator().manual_seed(1))
+    t1 = tk = math.inf
+    for _ in range(7):  # interleaved, best of 7: robust to other load (preemption only adds)
+        start = time.perf_counter()
+        for _ in range(k):
+            flat @ w1
+        t1 = min(t1, time.perf_counter() - start)
+        start = time.perf_counter()
+        flat @ wk
+        tk = min(tk, time.perf_counter() - start)
+    gain = t1 / tk
+    ratio = prod_flops / grad_flops
+    return {"grad_flops": grad_flops, "product_flops": prod_flops, "flop_ratio": ratio,
+            "gemm_rate_gain": gain, "floor": ratio / gain}  # fmt: skip
 
 
 def rademacher_terms(op, num: int, seed: int) -> np.ndarray:
@@ -236,9 +345,69 @@ def reference_trace(name: str, model: nn.Module, x, y, cfg: dict) -> dict:
     return out
 
 
-def trace_study(name, model, x, y, ref: float, cfg: dict) -> dict:
+def allowed_failures(seeds: int) -> int:
+    """Most seeds that may miss 5% while 90% of ``seeds`` still meet it."""
+    return int(math.floor(0.1 * seeds + 1e-9))
+
+
+def seed_errors(run, seeds: int) -> list[float]:
+    """Relative errors ``run(s)`` for ``s < seeds``, stopped once 90% can no longer be met.
+
+    The criterion (at most ``allowed_failures(seeds)`` errors above 5%) is unchanged: a budget
+    that has already failed it needs no more seeds; a passing one runs them all.
+    """
+    errs: list[float] = []
+    for s in range(seeds):
+        errs.append(run(s))
+        if sum(e > 0.05 for e in errs) > allowed_failures(seeds):
+            break
+    return errs
+
+
+def meets_90(errs: list[float], seeds: int) -> bool:
+    return len(errs) == seeds and sum(e > 0.05 for e in errs) <= allowed_failures(seeds)
+
+
+def time_trace_runs(model, x, y, results: dict, repeats: int) -> None:
+    """End-to-end wall time (fresh operator + estimate) at the product counts in ``results``."""
     from lightning_curvature.curvature import HessianOperator, hutchinson_trace, hutchpp_trace
 
+    loss_fn = nn.CrossEntropyLoss()
+    for label, fn in (("hutchinson", hutchinson_trace), ("hutchpp", hutchpp_trace)):
+        m = results[label]["matvecs"]
+        if m is None:
+            continue
+
+        def run(m=m, fn=fn) -> None:  # end to end, as a user pays it: fresh operator + estimate
+            fn(HessianOperator(model, loss_fn, (x, y), check_determinism=False), m, generator=7)
+
+        results[label]["seconds"] = median_seconds(run, repeats=repeats, warmup=0)
+
+
+def print_trace(name: str, results: dict, cfg: dict, reused: bool) -> None:
+    print(f"\n[{name}] trace to 5% relative error for 90% of seeds"
+          + (" (product counts from the first thread count; wall times rerun)" if reused else ""))
+    h, pp = results["hutchinson"], results["hutchpp"]
+    check = h.get("seed_check")
+    verdict = "not run" if check is None else f"{check}"
+    label = f"hutchinson: probes needed (normal theory, pool of {cfg['pool']})"
+    wall = f"   wall {h['seconds']:.3g} s" if "seconds" in h else ""
+    print(report_line(label, h["matvecs"]) + f"{wall}; direct check: {verdict}")
+    print(report_line(f"hutch++: products needed ({cfg['seeds']} seeds per budget)",
+                      pp["matvecs"] or float("nan"))
+          + (f"   wall {pp['seconds']:.3g} s" if "seconds" in pp else "")
+          + f"; 90% quantile of rel. error by budget {pp.get('q90_rel_error')}")  # fmt: skip
+
+
+def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = None) -> dict:
+    from lightning_curvature.curvature import HessianOperator, hutchinson_trace, hutchpp_trace
+
+    if prior is not None:  # product counts do not depend on the thread count: only re-time
+        results = {k: {kk: vv for kk, vv in prior[k].items() if kk != "seconds"}
+                   for k in ("hutchinson", "hutchpp")}  # fmt: skip
+        time_trace_runs(model, x, y, results, cfg["peer_repeats"])
+        print_trace(name, results, cfg, reused=True)
+        return results
     loss_fn = nn.CrossEntropyLoss()
     seeds = cfg["seeds"]
     op = HessianOperator(model, loss_fn, (x, y))
@@ -251,40 +420,33 @@ def trace_study(name, model, x, y, ref: float, cfg: dict) -> dict:
     need_h = max(2, math.ceil((1.6449 * spread / (0.05 * abs(ref))) ** 2))
     check = None
     if cfg["verify_hutchinson"]:  # a direct seed study at the predicted count
-        errs = [abs(hutchinson_trace(op, need_h, generator=77 + s).value - ref) / abs(ref)
-                for s in range(seeds)]  # fmt: skip
-        check = float(np.mean(np.asarray(errs) <= 0.05))
+        vseeds = cfg.get("verify_seeds", seeds)
+        errs = seed_errors(
+            lambda s: abs(hutchinson_trace(op, need_h, generator=77 + s).value - ref) / abs(ref),
+            vseeds,
+        )
+        within = sum(e <= 0.05 for e in errs)
+        check = (f"{within} of {len(errs)} seeds within 5% ("
+                 + ("meets" if meets_90(errs, vseeds) else "misses") + f" 90% of {vseeds})")
     results: dict = {"hutchinson": {"matvecs": need_h, "term_std": spread, "pool_bias": bias,
                                     "seed_check": check}}  # fmt: skip
-    # Hutch++: a real seed study over doubling budgets.
+    # Hutch++: a real seed study over increasing budgets (a budget stops once it has failed).
     errors = {}
+    need_pp = None
     for m in cfg["hutchpp_budgets"]:
-        errors[m] = [abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref) / abs(ref)
-                     for s in range(seeds)]  # fmt: skip
-        if np.mean(np.asarray(errors[m]) <= 0.05) >= 0.9:
+        errors[m] = seed_errors(
+            lambda s, m=m: abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref)
+            / abs(ref),
+            seeds,
+        )
+        if meets_90(errors[m], seeds):
+            need_pp = m
             break
-    passing = [m for m, e in errors.items() if np.mean(np.asarray(e) <= 0.05) >= 0.9]
-    need_pp = min(passing) if passing else None
-    q90 = {m: float(np.quantile(e, 0.9)) for m, e in errors.items()}
+    q90 = {m: (float(np.quantile(e, 0.9)) if len(e) == seeds else f"failed after {len(e)} seeds")
+           for m, e in errors.items()}  # fmt: skip
     results["hutchpp"] = {"matvecs": need_pp, "q90_rel_error": q90}
-    for label, fn, m in (("hutchinson", hutchinson_trace, need_h),
-                         ("hutchpp", hutchpp_trace, need_pp)):  # fmt: skip
-        if m is None:
-            continue
-
-        def run(m=m, fn=fn) -> None:  # end to end, as a user pays it: fresh operator + estimate
-            fn(HessianOperator(model, loss_fn, (x, y), check_determinism=False), m, generator=7)
-
-        results[label]["seconds"] = median_seconds(run, repeats=cfg["peer_repeats"], warmup=0)
-    print(f"\n[{name}] trace to 5% relative error for 90% of seeds")
-    h = results["hutchinson"]
-    verdict = "not run" if check is None else f"{check:.0%} of {seeds} seeds within 5%"
-    label = f"hutchinson: probes needed (normal theory, pool of {cfg['pool']})"
-    print(report_line(label, need_h) + f"   wall {h['seconds']:.3g} s; direct check: {verdict}")
-    print(report_line(f"hutch++: products needed ({seeds} seeds per budget)",
-                      need_pp or float("nan"))
-          + (f"   wall {results['hutchpp']['seconds']:.3g} s" if need_pp else "")
-          + f"; 90% quantile of rel. error by budget {q90}")  # fmt: skip
+    time_trace_runs(model, x, y, results, cfg["peer_repeats"])
+    print_trace(name, results, cfg, reused=False)
     return results
 
 
@@ -462,6 +624,10 @@ def peer_worker(spec_path: str) -> None:
         result["trace"] = {"seconds": statistics.median(times), "probes": probes,
                            "within_5pct": float(np.mean(np.asarray(errors) <= 0.05))
                            if errors else None}  # fmt: skip
+        Path(spec["out"]).write_text(json.dumps(result))  # partial results survive a timeout
+    if not spec["power_seeds"]:
+        Path(spec["out"]).write_text(json.dumps(result))
+        return
     lam = spec["lambda_max"]
     needed, own_stop, own_err = [], [], []
     for seed in range(spec["power_seeds"]):
@@ -483,6 +649,8 @@ def peer_worker(spec_path: str) -> None:
     ok = [n for n in needed if n]
     result["eig"] = {"needed": statistics.median(ok) if ok else None, "per_seed": needed,
                      "own_stop": statistics.median(own_stop), "own_err": max(own_err)}  # fmt: skip
+    Path(spec["out"]).write_text(json.dumps(result))
+    Path(spec["out"]).write_text(json.dumps(result))
     try:
         comp = ph.hessian(model, loss_fn, data=(x, y), cuda=False)
         comp.density(iter=5, n_v=1)
@@ -492,54 +660,90 @@ def peer_worker(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(result))
 
 
-def run_peer(name, model, x, y, ref_trace, trace_probes, lambda_max, cfg, threads):
+def run_peer(name, model, x, y, ref_trace, trace_probes, lambda_max, cfg, threads,
+             timeout=None, first=True):  # fmt: skip
+    """PyHessian in a subprocess; what it finished before ``timeout`` s is returned.
+
+    ``first=False`` (a later thread count): only the trace wall time at the same probe count is
+    rerun; its accuracy check and the power-iteration counts do not depend on threads.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save(model.state_dict(), tmp / "state.pt")
         torch.save({"x": x, "y": y}, tmp / "data.pt")
         spec = {"model": name, "state": str(tmp / "state.pt"), "data": str(tmp / "data.pt"),
                 "ref_trace": ref_trace, "trace_probes": trace_probes, "lambda_max": lambda_max,
-                "seeds": cfg["peer_seeds"], "repeats": cfg["peer_repeats"],
-                "power_seeds": cfg["power_seeds"], "max_power": 1000, "threads": threads,
+                "seeds": cfg["peer_seeds"] if first else 0, "repeats": cfg["peer_repeats"],
+                "power_seeds": cfg["power_seeds"] if first and lambda_max else 0,
+                "max_power": 1000, "threads": threads,
                 "out": str(tmp / "out.json")}  # fmt: skip
         (tmp / "spec.json").write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [PEER_PYTHON, __file__, "--peer-worker", str(tmp / "spec.json")],
-            capture_output=True, text=True, timeout=7200,
-        )  # fmt: skip
+        out = tmp / "out.json"
+        try:
+            proc = subprocess.run(
+                [PEER_PYTHON, __file__, "--peer-worker", str(tmp / "spec.json")],
+                capture_output=True, text=True, timeout=timeout or 7200,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            print(f"  [PyHessian worker stopped by --line-timeout after {timeout} s; "
+                  "reporting the parts it finished]")  # fmt: skip
+            return json.loads(out.read_text()) if out.exists() else None
         if proc.returncode != 0:
             print(f"  PyHessian worker failed:\n{proc.stderr[-2000:]}")
-            return None
-        return json.loads((tmp / "out.json").read_text())
+            return json.loads(out.read_text()) if out.exists() else None
+        return json.loads(out.read_text())
 
 
-def run_model(name: str, model: nn.Module, x, y, args: argparse.Namespace, threads: int) -> dict:
-    """Every requested section for one model at the current thread count."""
+def run_model(name: str, model: nn.Module, x, y, args: argparse.Namespace, threads: int,
+              prior: dict | None = None) -> dict:  # fmt: skip
+    """Every requested section for one model at the current thread count.
+
+    ``prior``: this model's report at the first thread count. Product counts (reference trace,
+    probes to 5%, eigenvalue counts) do not depend on the thread count, so later thread counts
+    reuse them and rerun only what is timed (HVP costs, trace wall times, PyHessian's trace).
+    Every section runs under ``--line-timeout``; a section cut short says so and the run goes on.
+    """
     cfg = SETTINGS[name]
     rep: dict = {}
+    limit = args.line_timeout
     if "hvp" in args.sections:
-        rep["hvp"] = hvp_costs(name, model, x, y)
+        rep["hvp"] = guarded(f"{name} hvp", limit, hvp_costs, name, model, x, y)
     if "blocks" in args.sections:
-        rep["blocks"] = block_costs(name, model, x, y)
+        rep["blocks"] = guarded(f"{name} blocks", limit, block_costs, name, model, x, y)
     if "trace" in args.sections:
-        ref = reference_trace(name, model, x, y, cfg)
-        rep["reference"] = ref
-        rep["trace"] = trace_study(name, model, x, y, ref["value"], cfg)
+        ref = (prior or {}).get("reference") or guarded(
+            f"{name} reference trace", limit, reference_trace, name, model, x, y, cfg
+        )
+        if ref:
+            rep["reference"] = ref
+            trace = guarded(f"{name} trace", limit, trace_study, name, model, x, y, ref["value"],
+                            cfg, (prior or {}).get("trace"))  # fmt: skip
+            if trace:
+                rep["trace"] = trace
     if "eigen" in args.sections:
-        rep["eigen"] = eigen_study(name, model, x, y, cfg)
+        if prior is not None and prior.get("eigen"):
+            rep["eigen"] = prior["eigen"]
+            print(f"\n[{name}] extreme eigenvalues: product counts as at the first thread count")
+        else:
+            eig = guarded(f"{name} eigen", limit, eigen_study, name, model, x, y, cfg)
+            if eig:
+                rep["eigen"] = eig
     if not args.skip_peer and ("trace" in rep or "eigen" in rep):
         probes = rep.get("trace", {}).get("hutchinson", {}).get("matvecs")
         ref_value = rep.get("reference", {}).get("value", 0.0)
         lam = rep.get("eigen", {}).get("ref", {}).get("lambda_max", 0.0)
-        peer = run_peer(name, model, x, y, ref_value, probes, lam, cfg, threads)
+        peer = run_peer(name, model, x, y, ref_value, probes, lam, cfg, threads, timeout=limit,
+                        first=prior is None)  # fmt: skip
         rep["pyhessian"] = peer
         if peer:
             print(f"\n[{name}] PyHessian 0.1 (subprocess, {PEER_PYTHON})")
-            print(f"  density(): {peer.get('density')}")
+            if peer.get("density"):
+                print(f"  density(): {peer.get('density')}")
             if peer.get("trace"):
                 p = peer["trace"]
-                ours = min(rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp")
-                           if rep["trace"][k].get("seconds"))  # fmt: skip
+                ours = min((rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp")
+                            if rep.get("trace", {}).get(k, {}).get("seconds")),
+                           default=float("nan"))  # fmt: skip
                 ratio = p["seconds"] / ours
                 rep["trace_speedup_vs_pyhessian"] = ratio
                 print(report_line("pyhessian trace: wall s at the Hutchinson probe count",
@@ -547,7 +751,7 @@ def run_model(name: str, model: nn.Module, x, y, args: argparse.Namespace, threa
                       f"within 5%: {p['within_5pct']})")  # fmt: skip
                 print(report_line(f"pyhessian wall / our best wall at 5% ({threads} thread(s))",
                                   ratio, ">= 6", ratio >= 6))  # fmt: skip
-            if peer.get("eig") and "eigen" in rep:
+            if peer.get("eig") and rep.get("eigen", {}).get("ours_lambda_max_products"):
                 p = peer["eig"]
                 ours = rep["eigen"]["ours_lambda_max_products"]
                 print(report_line("pyhessian power iteration: products to lambda_max 1e-3",
@@ -584,13 +788,31 @@ def main() -> None:
         default=NUM_MEASURE,
         help="samples the curvature is measured on (smaller for a smoke run)",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny effort (few reference products, seeds and repeats) to check that every line "
+        "runs; not for figures",
+    )
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument(
+        "--line-timeout",
+        type=float,
+        default=1200.0,
+        help="seconds per section (hvp, blocks, reference, trace, eigen, PyHessian); a section "
+        "past it is stopped, says so, and the run continues (0: no limit)",
+    )
     parser.add_argument("--json", type=str, default=None, help="write all figures here")
     parser.add_argument("--peer-worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_worker:
         peer_worker(args.peer_worker)
         return
+    if args.smoke:
+        for cfg in SETTINGS.values():
+            cfg.update(ref_matvecs=120, pool=60, seeds=5, verify_seeds=5, peer_repeats=1,
+                       peer_seeds=2, power_seeds=1, lanczos_seeds=1, eig_runs=1,
+                       eig_ref_iters=200, lanczos_iters=60)  # fmt: skip
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     x, y = load_fashion_mnist("train", args.num_measure)
@@ -604,9 +826,12 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n##### torch {torch.__version__}, {threads} thread(s), float32, CPU #####")
+        first = report.get(f"threads_{args.threads[0]}")
         report[f"threads_{threads}"] = {
-            name: run_model(name, models[name], x, y, args, threads) for name in args.models
-        }
+            name: run_model(name, models[name], x, y, args, threads,
+                            prior=None if first is None else first.get(name))
+            for name in args.models
+        }  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 

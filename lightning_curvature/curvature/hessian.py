@@ -29,8 +29,16 @@ estimator takes dozens of products; double backward otherwise.
 ``vectorize_matmat=True`` they go through one vmapped pass (double backward:
 ``torch.autograd.grad(..., is_grads_batched=True)`` over the kept gradient graph; functional
 routes: ``torch.func.vmap`` over the product), otherwise one pass per column. The default
-``None`` measures both on a sub-batch at construction and records the choice
-(:attr:`block_route`, :attr:`route_seconds`).
+``None`` decides per block size on the real data: the first ``matmat`` of a width class runs half
+its columns by each route, times them and keeps the faster for that class (:attr:`block_routes`,
+:attr:`block_route_seconds`; see :mod:`.model_operator`).
+
+*What blocking can buy.* Every column has its own direction ``V``, so a block of k products costs
+k times the FLOPs of one product; a product through the kept graph needs the same two
+``N·in·out`` GEMMs of the first layer as a gradient (``X Vᵀ`` and ``Xᵀ R``), i.e. about one
+gradient of arithmetic (MLP 784-128-10: 1.02x). Blocking only raises the GEMM rate, which on a
+CPU already near its peak at 128 columns gains little (``benchmarks/engine.py --sections blocks``
+prints the measured floor).
 """
 
 from __future__ import annotations
@@ -189,6 +197,12 @@ class HessianOperator(ModelCurvatureOperator):
                 for (inputs, targets), w in self._weighted_batches():
                     out = out + self._forward_over_reverse(inputs, targets, w, rows, batched)
         return self._reduce(out.detach())
+
+    def _prepare_products(self) -> None:
+        if self.method == "double_backward":
+            self._ensure_cache()
+        elif self.method == "linearize":
+            self._ensure_linearized()
 
     def _route_products(self, batch: Batch, rows: Tensor) -> Any:
         if self.method == "double_backward":

@@ -28,7 +28,7 @@ from .functional import FunctionalLoss, LossFn, module_mode
 from .operators import CurvatureOperator
 from .params import ParameterLayout
 
-__all__ = ["ModelCurvatureOperator", "ReduceFn", "batched_grad"]
+__all__ = ["ModelCurvatureOperator", "ReduceFn", "batched_grad", "block_bucket"]
 
 #: ``reduce_fn(t) -> t summed over processes`` (DDP all-reduce); the one definition in the package.
 ReduceFn = Callable[[Tensor], Tensor]
@@ -44,6 +44,19 @@ MAX_BATCHED_COLUMNS = 32
 #: an operator rebuilt at the next epoch (same model, shapes, device) reuses the decision, so
 #: the route is measured once per process and stays the same from one measurement to the next.
 _ROUTE_CACHE: dict[tuple, tuple[bool, dict[str, float]]] = {}
+#: Per-block-size routes measured inside real ``matmat`` calls, keyed by
+#: ``(_route_key(), total samples, block bucket)``.
+_BLOCK_ROUTE_CACHE: dict[tuple, tuple[bool, dict[str, float]]] = {}
+
+
+def block_bucket(k: int) -> int:
+    """The block-size class of a ``k``-column product: the next power of two, capped.
+
+    Blocks wider than ``MAX_BATCHED_COLUMNS`` run in chunks of that width, so they share its
+    class. Routes are decided per class (``1`` never needs a decision).
+    """
+    width = min(k, MAX_BATCHED_COLUMNS)
+    return 1 << max(0, (width - 1).bit_length())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -152,24 +165,36 @@ class ModelCurvatureOperator(CurvatureOperator):
     vectorize_matmat : bool or None
         How a ``matmat`` block goes through a graph: ``True`` pushes all columns through one
         vmapped backward pass (``torch.autograd.grad(..., is_grads_batched=True)``), ``False``
-        runs one backward pass per column. ``None`` (default) measures both at construction on
-        a sub-batch of at most ``ROUTE_PROBE_SAMPLES`` samples of the first batch with
-        ``ROUTE_PROBE_COLUMNS`` columns (about ``4 x 8 x 1024 / N`` products' worth of work, a
-        sub-batch large enough that the routes rank as on the full batch) and
-        keeps the faster; the choice and its timings are recorded in :attr:`block_route` and
-        :attr:`route_seconds`, and reused by later operators of the same kind, model class,
-        parameter shapes, dtype, device and input shape in this process (measured once). A
-        single column always takes the plain route; the batched route pushes at most
-        ``MAX_BATCHED_COLUMNS`` columns through one pass (it holds the intermediates once per
-        column).
+        runs one backward pass per column. ``None`` (default) decides **per block size**, at the
+        size actually requested and on the real data: the first ``matmat`` whose width falls in
+        a class (:func:`block_bucket`: 2, 4, 8, 16, 32 columns; wider blocks run in chunks of
+        ``MAX_BATCHED_COLUMNS``) computes half of its columns one by one and the other half in
+        one vmapped pass, times both (per column, graphs already built) and keeps the faster
+        route for that class; no product is wasted (two columns always loop). Decisions and
+        timings are recorded in :attr:`block_routes` / :attr:`block_route_seconds` and reused
+        by later operators of
+        the same kind, model class, parameter shapes, dtype, device, input shape and data size
+        in this process. A single column always takes the plain route; the batched route
+        pushes at most ``MAX_BATCHED_COLUMNS`` columns through one pass (it holds the
+        intermediates once per column). With ``reduce_fn`` (DDP) ``None`` means the loop route:
+        a per-rank timing could differ between ranks, and every rank must reduce alike.
 
     Attributes
     ----------
+    block_routes : dict
+        ``{block class: "batched" | "loop"}`` decided so far (all classes when the route was
+        given).
+    block_route_seconds : dict
+        ``{block class: {"loop": s, "batched": s}}``, seconds per column measured in the
+        deciding call.
     block_route : {"batched", "loop"}
-        The route of multi-column products, fixed at construction.
+        The route at ``ROUTE_PROBE_COLUMNS`` columns, from a short timing of both routes on a
+        sub-batch of at most ``ROUTE_PROBE_SAMPLES`` samples of the first batch, taken when
+        first read (kept for compatibility and as a quick report; ``matmat`` follows
+        :attr:`block_routes`).
     route_seconds : dict
-        Seconds per column of each route in the construction-time measurement (empty when the
-        route was given).
+        Seconds per column of each route in that sub-batch timing (empty when the route was
+        given).
     """
 
     def __init__(
@@ -212,15 +237,15 @@ class ModelCurvatureOperator(CurvatureOperator):
             with module_mode(model, eval_mode):
                 self._floss.check_deterministic(self._theta, self.data.batches[0])
         self._init_route()
-        self.route_seconds: dict[str, float] = {}
-        if vectorize_matmat is None:
-            key = self._route_key()
-            if key not in _ROUTE_CACHE:
-                _ROUTE_CACHE[key] = (self._measure_block_route(), dict(self.route_seconds))
-            vectorize_matmat, seconds = _ROUTE_CACHE[key]
-            self.route_seconds = dict(seconds)
-        self.vectorize_matmat: bool = vectorize_matmat
-        self.block_route: str = "batched" if vectorize_matmat else "loop"
+        #: The route given by the caller (``None``: decided per block class by measurement).
+        self.vectorize_matmat: bool | None = vectorize_matmat
+        self._probe_route: tuple[bool, dict[str, float]] | None = None
+        self.block_route_seconds: dict[int, dict[str, float]] = {}
+        self.block_routes: dict[int, str] = {}
+        if vectorize_matmat is not None:
+            label = "batched" if vectorize_matmat else "loop"
+            self._probe_route = (vectorize_matmat, {})
+            self.block_routes = {1 << i: label for i in range(1, MAX_BATCHED_COLUMNS.bit_length())}
 
     def _init_route(self) -> None:
         """Fix the product route before the block route is measured (subclass hook)."""
@@ -231,13 +256,81 @@ class ModelCurvatureOperator(CurvatureOperator):
         """The flat parameter vector the operator is evaluated at (a detached copy)."""
         return self._theta
 
+    @property
+    def block_route(self) -> str:
+        """Route at ``ROUTE_PROBE_COLUMNS`` columns from the sub-batch timing (class docstring)."""
+        return "batched" if self._sub_batch_route()[0] else "loop"
+
+    @property
+    def route_seconds(self) -> dict[str, float]:
+        """Seconds per column of each route in the sub-batch timing (empty when given)."""
+        return dict(self._sub_batch_route()[1])
+
+    def _sub_batch_route(self) -> tuple[bool, dict[str, float]]:
+        if self._probe_route is None:
+            key = self._route_key()
+            if key not in _ROUTE_CACHE:
+                self._seconds: dict[str, float] = {}
+                _ROUTE_CACHE[key] = (self._measure_block_route(), dict(self._seconds))
+            self._probe_route = _ROUTE_CACHE[key]
+        return self._probe_route
+
     def _matmat(self, matrix: Tensor) -> Tensor:
         rows = matrix.T.contiguous()
-        if not self.vectorize_matmat or rows.shape[0] == 1:
+        k = rows.shape[0]
+        if k == 1:
             return self._products(rows, batched=False).T
+        if self.vectorize_matmat is not None:
+            return self._block_products(rows, self.vectorize_matmat).T
+        if self.reduce_fn is not None:
+            # Every rank must make the same reductions: a per-rank timing could differ, and the
+            # loop route reduces once per call whatever the width.
+            return self._products(rows, batched=False).T
+        bucket = block_bucket(k)
+        key = (self._route_key(), self.data.num_samples, bucket)
+        if key in _BLOCK_ROUTE_CACHE:
+            batched, seconds = _BLOCK_ROUTE_CACHE[key]
+            self.block_routes[bucket] = "batched" if batched else "loop"
+            self.block_route_seconds[bucket] = dict(seconds)
+        if bucket in self.block_routes:
+            return self._block_products(rows, self.block_routes[bucket] == "batched").T
+        if k == 2:  # halves of one column each: nothing to batch, so nothing to measure
+            return self._products(rows, batched=False).T
+        out, batched, seconds = self._measured_products(rows)
+        _BLOCK_ROUTE_CACHE[key] = (batched, seconds)
+        self.block_routes[bucket] = "batched" if batched else "loop"
+        self.block_route_seconds[bucket] = dict(seconds)
+        return out.T
+
+    def _block_products(self, rows: Tensor, batched: bool) -> Tensor:
+        if not batched:
+            return self._products(rows, batched=False)
         # A vmapped pass holds every intermediate once per column: chunks bound that memory.
         chunks = rows.split(MAX_BATCHED_COLUMNS)
-        return torch.cat([self._products(c, batched=c.shape[0] > 1) for c in chunks]).T
+        return torch.cat([self._products(c, batched=c.shape[0] > 1) for c in chunks])
+
+    def _measured_products(self, rows: Tensor) -> tuple[Tensor, bool, dict[str, float]]:
+        """All products for ``rows``, half one by one and half vmapped, timing both halves.
+
+        The graphs are built first, so neither half pays for them (batches past the memory
+        budget are rebuilt once per call, i.e. once per half: equal halves pay it equally).
+        A route that raises is not chosen; its half is then recomputed by the other route.
+        """
+        self._prepare_products()
+        half = rows.shape[0] // 2
+        parts, seconds = [], {}
+        for label, chunk in (("loop", rows[:half]), ("batched", rows[half:])):
+            start = time.perf_counter()
+            try:
+                parts.append(self._block_products(chunk, label == "batched"))
+                _synchronize(self.device)
+                seconds[label] = (time.perf_counter() - start) / chunk.shape[0]
+            except Exception:  # noqa: BLE001 - a route without batching rules is not chosen
+                if label == "loop":
+                    raise
+                parts.append(self._block_products(chunk, False))
+                seconds[label] = math.inf
+        return torch.cat(parts), seconds["batched"] < seconds["loop"], seconds
 
     def release(self) -> None:
         """Drop the kept autograd graphs (they are rebuilt on the next product)."""
@@ -313,8 +406,8 @@ class ModelCurvatureOperator(CurvatureOperator):
                     seconds = time.perf_counter() - start
             except Exception:  # noqa: BLE001 - a route without batching rules is not chosen
                 seconds = math.inf
-            self.route_seconds[label] = seconds / ROUTE_PROBE_COLUMNS
-        return self.route_seconds["batched"] < self.route_seconds["loop"]
+            self._seconds[label] = seconds / ROUTE_PROBE_COLUMNS
+        return self._seconds["batched"] < self._seconds["loop"]
 
     # -- machinery -------------------------------------------------------------------------
     def _reduce(self, t: Tensor) -> Tensor:
@@ -328,6 +421,10 @@ class ModelCurvatureOperator(CurvatureOperator):
 
     def _apply(self, theta: Tensor, graphs: list[Any], rows: Tensor, batched: bool) -> Tensor:
         raise NotImplementedError
+
+    def _prepare_products(self) -> None:
+        """Build what every product reuses (kept graphs here; subclass routes override)."""
+        self._ensure_cache()
 
     def _ensure_cache(self) -> None:
         if self._cache is not None:

@@ -85,7 +85,7 @@ from .solve import (
     damping_kappa,
     empirical_span_coefficients,
     relative_norm,
-    span_direction,
+    span_direction_parts,
     span_mismatch,
     spd_solver,
     true_span_coefficients,
@@ -147,7 +147,8 @@ class _Hook:
 
 def _is_distribution(q: Tensor, tol: float) -> bool:
     """Whether every row of ``q`` is a probability vector (up to ``tol``)."""
-    return float(q.min()) >= -tol and float((q.sum(-1) - 1).abs().max()) <= tol
+    low, off = torch.stack([q.min(), (q.sum(-1) - 1).abs().max()]).tolist()  # one sync
+    return low >= -tol and off <= tol
 
 
 class NGD(torch.optim.Optimizer):
@@ -534,7 +535,7 @@ class NGD(torch.optim.Optimizer):
                 "run exactly once (per-sample information is taken from that call)"
             )
         grads = [p.grad for p in params if p.grad is not None]
-        grad_sq = float(sum(float(g.reshape(-1) @ g.reshape(-1)) for g in grads))
+        grad_sq = _sum_of_squares(grads)
         if cap.nonfinite_outputs:
             self._skip("the model's outputs are not finite")
             return
@@ -561,11 +562,12 @@ class NGD(torch.optim.Optimizer):
         gram.diagonal().add_(batch * kappa)
         solve, precision = spd_solver(gram, batch * kappa)
         del gram  # the solver holds the factor; the Gram is the step's largest temporary
-        direction = span_direction(samples, solve, v)
+        # One tensor per parameter: the step never forms the flat d-vector (unless a remainder).
+        direction = span_direction_parts(samples, solve, v)
         direction, rel_residual = self._add_remainder(
             direction, samples, solve, v, params, grad_sq, span_sq, kappa
         )
-        if not math.isfinite(float(direction.sum())):
+        if not _all_finite(direction):
             self._skip(
                 "the natural-gradient direction is not finite",
                 kappa=kappa,
@@ -575,12 +577,12 @@ class NGD(torch.optim.Optimizer):
         scale = 1.0
         if self.rescale:
             # Seed 002's (Kaldi's) norm-preserving rescale: the step has the raw gradient's norm.
-            dir_norm = float(direction.norm())
+            dir_norm = math.sqrt(_sum_of_squares(direction))
             scale = math.sqrt(grad_sq) / dir_norm if dir_norm > 0 else 1.0
-            direction = direction * scale
+            direction = torch._foreach_mul(direction, scale)
         update_norm = apply_update(
             params,
-            list(self.layout.unflatten(direction).values()),
+            direction,
             [self.state[p] for p in params],
             lr=group["lr"],
             momentum=group["momentum"],
@@ -670,7 +672,7 @@ class NGD(torch.optim.Optimizer):
 
     def _add_remainder(
         self,
-        direction: Tensor,
+        direction: list[Tensor],
         samples: SampleGradients,
         solve: Solver,
         v: Tensor,
@@ -678,11 +680,12 @@ class NGD(torch.optim.Optimizer):
         grad_sq: float,
         span_sq: float,
         kappa: float,
-    ) -> tuple[Tensor, float]:
+    ) -> tuple[list[Tensor], float]:
         """Add the Woodbury solve of ``r = g − Gᵀv`` if ``g`` is not in the span; ``(Δ, ‖r‖/‖g‖)``.
 
-        The norm identity ``‖g‖² = vᵀKv`` is free; only if it fails by more than
-        ``1000·ε_dtype`` is the residual formed explicitly (one more ``Gᵀ`` product).
+        ``Δ`` is given and returned per parameter. The norm identity ``‖g‖² = vᵀKv`` is free;
+        only if it fails by more than ``1000·ε_dtype`` is the residual formed explicitly (one
+        more ``Gᵀ`` product).
         """
         tol = 1e3 * torch.finfo(samples.dtype).eps
         mismatch = span_mismatch(grad_sq, span_sq)
@@ -702,7 +705,25 @@ class NGD(torch.optim.Optimizer):
             "clipping, a non-mean reduction or parameters used outside their layers. The "
             "remainder is solved exactly but its out-of-span part is scaled by up to 1/kappa.",
         )
-        return direction + woodbury_remainder(samples, solve, residual, kappa), rel_residual
+        full = self.layout.flatten(direction) + woodbury_remainder(samples, solve, residual, kappa)
+        return list(self.layout.unflatten(full).values()), rel_residual
+
+
+def _sum_of_squares(tensors: list[Tensor]) -> float:
+    """``Σ_k ‖t_k‖²`` over a list of tensors, with one multi-tensor kernel and one sync."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(tensors)).double().square().sum())
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether the entries of the tensors sum to a finite number (inf and NaN propagate).
+
+    A sum (one cheap pass, one sync) rather than max-norms, which are ~20x slower on CPU.
+    """
+    if not tensors:
+        return True
+    return math.isfinite(float(torch.stack([t.sum() for t in tensors]).sum()))
 
 
 def _step_stats(

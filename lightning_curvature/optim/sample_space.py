@@ -100,6 +100,35 @@ class SampleGradients:
                 )
         return torch.cat([pieces[k] for k in sorted(pieces)], dim=1)
 
+    def transpose_times_parts(self, column: Tensor) -> list[Tensor]:
+        """``Gᵀc`` for one coefficient column ``c`` (N,), as one tensor per parameter.
+
+        The same numbers as ``transpose_times(c[:, None])[0]``, shaped like the parameters and in
+        layout order, without concatenating them into a flat vector (the step updates the
+        parameters tensor by tensor, so the flat copy and its split are two wasted passes over
+        ``d`` numbers).
+        """
+        pieces: dict[int, Tensor] = {}
+        for f, ws, bs in self.factors:
+            w, b = f.combine(column[:, None])
+            pieces[ws.start] = w[0].to(self.dtype)
+            if bs is not None:
+                pieces[bs.start] = b[0].to(self.dtype)
+        if self.fallback is not None:
+            prod = (self.fallback.T @ column.to(self.fallback.dtype)).to(self.dtype)
+            start = 0
+            for sl in self.fallback_slices:
+                width = sl.stop - sl.start
+                pieces[sl.start] = prod[start : start + width]
+                start += width
+        out = []
+        for sl, shape in zip(self.layout.slices().values(), self.layout.shapes, strict=True):
+            piece = pieces.get(sl.start)
+            if piece is None:  # parameter never reached by the loss: zero gradient
+                piece = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            out.append(piece.reshape(shape))
+        return out
+
     def times(self, vector: Tensor) -> Tensor:
         """``G r`` for a flat parameter-space vector ``r`` (d,): ``(N,)`` in float64."""
         out = torch.zeros(self.num_pseudo, dtype=torch.float64, device=self.device)

@@ -33,6 +33,7 @@ __all__ = [
     "relative_norm",
     "spd_solver",
     "span_direction",
+    "span_direction_parts",
     "span_mismatch",
     "true_span_coefficients",
     "woodbury_remainder",
@@ -138,6 +139,12 @@ def span_direction(samples: SampleGradients, solve: Solver, v: Tensor) -> Tensor
     """``Δ_span = B · Gᵀ (K + BκI)⁻¹ v`` (d,), ``solve`` the solver of ``K + BκI``."""
     coeff = samples.batch * solve(v[:, None])
     return samples.transpose_times(coeff)[0]
+
+
+def span_direction_parts(samples: SampleGradients, solve: Solver, v: Tensor) -> list[Tensor]:
+    """:func:`span_direction` as one tensor per parameter (layout order, parameter shapes)."""
+    coeff = samples.batch * solve(v[:, None])
+    return samples.transpose_times_parts(coeff[:, 0])
 
 
 def woodbury_remainder(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 __all__ = ["apply_update"]
@@ -31,23 +32,31 @@ def apply_update(
     decoupled (AdamW-style): coupled L2 would add ``wd·θ`` to the gradient, a vector outside
     the span of the Fisher that the solve multiplies by up to 1/κ.
     """
-    sq_norm = 0.0
-    for p, d_p, state in zip(params, directions, states, strict=True):
-        if momentum > 0:
+    params, directions = list(params), list(directions)
+    if not params:
+        return 0.0
+    # Multi-tensor (foreach) kernels: one dispatch per operation for all parameters.
+    if momentum > 0:
+        bufs = []
+        for d_p, state in zip(directions, states, strict=True):
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = d_p.clone()
-                state["momentum_buffer"] = buf
+                state["momentum_buffer"] = d_p.clone()
             else:
-                buf.mul_(momentum).add_(d_p)
-            d_p = buf
-        if weight_decay > 0:
-            update = d_p * lr + p * (lr * weight_decay)
-            flat_update = update.reshape(-1)
-            sq_norm += float(flat_update @ flat_update)
-            p.sub_(update)
-        else:
-            flat_dir = d_p.reshape(-1)
-            sq_norm += lr * lr * float(flat_dir @ flat_dir)
-            p.add_(d_p, alpha=-lr)
-    return math.sqrt(sq_norm)
+                bufs.append((buf, d_p))
+        if bufs:
+            torch._foreach_mul_([b for b, _ in bufs], momentum)
+            torch._foreach_add_([b for b, _ in bufs], [d for _, d in bufs])
+        directions = [state["momentum_buffer"] for state in states]
+    if weight_decay > 0:
+        updates = torch._foreach_mul(directions, lr)
+        torch._foreach_add_(updates, params, alpha=lr * weight_decay)
+        norms = torch._foreach_norm(updates)
+        torch._foreach_sub_(params, updates)
+        scale = 1.0
+    else:
+        norms = torch._foreach_norm(directions)
+        torch._foreach_add_(params, directions, alpha=-lr)
+        scale = lr
+    sq_norm = float(torch.stack(norms).double().square().sum())
+    return scale * math.sqrt(sq_norm)

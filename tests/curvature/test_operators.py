@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -270,3 +272,30 @@ def test_batched_route_in_chunks_agrees(monkeypatch):
         assert rel(op.matmat(v), hess @ v) < 1e-10 and op.num_matvecs == 10
     gop = GGNOperator(model, loss, (x, y), vectorize_matmat=True)
     assert rel(gop.matmat(v), ggn @ v) < 1e-10
+
+
+def test_auto_block_route_is_measured_per_block_size_on_real_calls(monkeypatch):
+    import lightning_curvature.curvature.model_operator as model_operator
+
+    monkeypatch.setattr(model_operator, "_BLOCK_ROUTE_CACHE", {})
+    assert [model_operator.block_bucket(k) for k in (2, 3, 8, 9, 32, 33, 100)] == [
+        2, 4, 8, 16, 32, 32, 32
+    ]  # fmt: skip
+    model, loss, x, y = make_case("tanh_mlp_ce")
+    hess = true_hessian(model, loss, x, y)
+    v = probes(hess.shape[0], 11)
+    op = HessianOperator(model, loss, (x, y), method="double_backward")
+    assert op.block_routes == {}
+    # The deciding call computes half of the columns by each route: all must be right.
+    assert rel(op.matmat(v), hess @ v) < 1e-10 and op.num_matvecs == 11
+    assert set(op.block_routes) == {16} and op.block_routes[16] in ("loop", "batched")
+    assert set(op.block_route_seconds[16]) == {"loop", "batched"}
+    assert all(0 < t < math.inf for t in op.block_route_seconds[16].values())
+    assert rel(op.matmat(v[:, :3]), hess @ v[:, :3]) < 1e-10  # a new class: decided anew
+    assert set(op.block_routes) == {4, 16}
+    again = HessianOperator(model, loss, (x, y), method="double_backward")
+    again.matmat(v[:, :12])  # same process, same class: the decision is reused
+    assert again.block_routes == {16: op.block_routes[16]}
+    assert again.block_route_seconds[16] == op.block_route_seconds[16]
+    fixed = HessianOperator(model, loss, (x, y), vectorize_matmat=False)
+    assert set(fixed.block_routes.values()) == {"loop"} and fixed.route_seconds == {}
