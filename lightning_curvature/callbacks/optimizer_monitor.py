@@ -31,9 +31,12 @@ class OptimizerMonitor(Callback):
     - For any other optimizer the parameters are copied just before the step
       (``on_before_optimizer_step``, into buffers allocated once) and the norm of the difference
       is taken after the batch. Cost per measured step: one copy and one in-place subtraction of
-      the parameters (fused ``_foreach`` kernels), about a tenth of a single-threaded CPU step of
-      an MLP 784-256-256-10 at batch 128; hence ``every_n_steps``: the epoch mean is estimated
-      from every ``every_n_steps``-th optimizer step (an unbiased estimate of the mean over all
+      the parameters and one norm per tensor (fused ``_foreach`` kernels), nothing else: the
+      list of trainable parameters is read once per epoch (at its first optimizer step, after
+      every ``on_train_epoch_start`` hook, so a callback that unfreezes layers there is seen),
+      and the per-tensor norms stay on the device until the epoch's end (one synchronization
+      per epoch, not one per step). Hence ``every_n_steps``: the epoch mean is estimated from
+      every ``every_n_steps``-th optimizer step (an unbiased estimate of the mean over all
       steps; 1 = exact). Batches without a step (gradient accumulation) are never counted.
 
     With ``stats``, the epoch means of ``stats["kappa"]`` (damping κ) and
@@ -51,6 +54,10 @@ class OptimizerMonitor(Callback):
         super().__init__()
         self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self._buffers: list[Tensor] | None = None
+        self._params_cache: list[Tensor] | None = None
+        self._devices = 1
+        #: Per-tensor norms of each measured step, kept on the device until the epoch's end.
+        self._pending: list[Tensor] = []
         self._copied = False
         self._stepped = False
         self._steps = 0
@@ -61,6 +68,8 @@ class OptimizerMonitor(Callback):
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._steps = 0
+        self._pending = []
+        self._params_cache = None
 
     def _add(self, tag: str, value: float) -> None:
         if math.isfinite(value):
@@ -92,8 +101,12 @@ class OptimizerMonitor(Callback):
         self._steps += 1
         if not self._copied:
             return
-        params = self._params(pl_module)
-        with torch.no_grad():
+        params = self._params_cache
+        if params is None:
+            # Once per epoch (see the class docstring): walking the module tree and checking the
+            # buffers at every measured step cost as much as the copy itself.
+            params = self._params_cache = self._params(pl_module)
+            self._devices = len({p.device for p in params})
             if (
                 self._buffers is None
                 or len(self._buffers) != len(params)
@@ -102,8 +115,9 @@ class OptimizerMonitor(Callback):
                     for b, p in zip(self._buffers, params, strict=True)
                 )
             ):
-                self._buffers = [torch.empty_like(p) for p in params]
-            torch._foreach_copy_(self._buffers, [p.detach() for p in params])
+                self._buffers = [torch.empty_like(p, requires_grad=False) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._buffers, params)
 
     @override
     def on_train_batch_end(
@@ -115,20 +129,38 @@ class OptimizerMonitor(Callback):
         stats = self._stats(self._optimizer)
         if stats is not None and stats.get("update_norm") is not None:
             self._add("optim/update_norm", float(stats["update_norm"]))
-        elif self._copied and self._buffers is not None:
+        elif self._copied and self._buffers is not None and self._params_cache is not None:
             with torch.no_grad():
-                # In place: buffers become θ_t − θ_{t+1}; no allocation beyond per-tensor norms.
-                torch._foreach_sub_(self._buffers, [p.detach() for p in self._params(pl_module)])
+                # In place: buffers become θ_t − θ_{t+1}; no allocation beyond per-tensor norms,
+                # which stay on the device (read at the epoch's end, _flush).
+                torch._foreach_sub_(self._buffers, self._params_cache)
                 norms = torch._foreach_norm(self._buffers)
-            self._add("optim/update_norm", math.sqrt(sum(float(n) ** 2 for n in norms)))
+                if self._devices > 1:  # model parallel: gather the norms on one device
+                    norms = [n.to(norms[0].device) for n in norms]
+                # stack promotes mixed float dtypes to the widest one, exactly.
+                self._pending.append(torch.stack(norms))
         self._copied = False
         if stats is not None:
             for key, tag in _STAT_TAGS.items():
                 if stats.get(key) is not None:
                     self._add(tag, float(stats[key]))
 
+    def _flush(self) -> None:
+        """Add the pending per-step norms: ``‖Δθ‖ = sqrt(Σ_k ‖Δθ_k‖²)`` over the tensors ``k``.
+
+        One device-to-host copy for the whole epoch; the sum is taken in Python floats in tensor
+        order, exactly as when each step was read at once.
+        """
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).tolist()
+        self._pending = []
+        for norms in rows:
+            self._add("optim/update_norm", math.sqrt(sum(float(n) ** 2 for n in norms)))
+
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush()
         means = {tag: self._sums[tag] / self._counts[tag] for tag in self._sums}
         if means:
             MetricSink(trainer, pl_module, trainer.current_epoch + 1).scalars(means)

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_curvature import landscape
 from lightning_curvature.checks import check_choice, check_float, check_int
 from lightning_curvature.landscape import LossSurface
-from lightning_curvature.landscape.figures import plot_surface, plot_surfaces
+from lightning_curvature.landscape.figures import plot_surfaces, render_rgb, split_panels
 
 from .base import CurvatureCallback, Measurement, MeasurementContext
 from .measurement_set import derive_seed
@@ -45,7 +45,9 @@ class LossProjection(SharedLanczosReader, CurvatureCallback):
     Wheeler 2024, "Visualizing high-dimensional loss landscapes with Hessian directions"). Logged:
 
     - ``landscape/hessian``, ``landscape/random``: one panel each (axes in parameter-space
-      distance, contours, own colour bar); ``landscape/surfaces``: both side by side;
+      distance, contours, own colour bar); ``landscape/surfaces``: both side by side. The three
+      are one drawing (the two-panel figure, fixed layout) and its two halves, so a measurement
+      renders one figure, not three;
     - ``landscape/random_saddle_fraction``: share of ``num_random_projections`` random planes
       whose projected 2x2 Hessian is indefinite;
     - ``landscape/projection_trace`` (and ``_stderr``): tr H from quadratic fits of the loss
@@ -254,16 +256,27 @@ class LossProjection(SharedLanczosReader, CurvatureCallback):
             )
             return
         scale = self.color_scale
-        out.figures["landscape/hessian"] = lambda: plot_surface(
-            hess,
-            title=f"Hessian directions, epoch {step}\n"
-            f"$\\lambda_{{max}}$={hess.eigenvalues[0]:.3g}, "
-            f"$\\lambda_{{min}}$={hess.eigenvalues[1]:.3g}",
-            color_scale=scale,
+        titles = (
+            f"Hessian directions, epoch {step}\n"
+            f"λmax={hess.eigenvalues[0]:.3g}, λmin={hess.eigenvalues[1]:.3g}",
+            f"random directions, epoch {step}",
         )
-        out.figures["landscape/random"] = lambda: plot_surface(
-            rand, title=f"random directions, epoch {step}", color_scale=scale
-        )
-        out.figures["landscape/surfaces"] = lambda: plot_surfaces(
-            hess, rand, suptitle=f"epoch {step}", color_scale=scale
-        )
+        rendered: list[np.ndarray] = []
+
+        def image() -> np.ndarray:
+            # One drawing serves the three tags: the two-panel figure (fixed layout, each panel
+            # with its title and colour bar in its own half) and its halves as the single panels.
+            if not rendered:
+                fig = plot_surfaces(hess, rand, titles=titles, color_scale=scale)
+                rendered.append(render_rgb(fig))
+                _close_figure(fig)
+            return rendered[0]
+
+        out.images["landscape/surfaces"] = image
+        out.images["landscape/hessian"] = lambda: split_panels(image(), 2)[0]
+        out.images["landscape/random"] = lambda: split_panels(image(), 2)[1]
+
+
+def _close_figure(fig: Any) -> None:
+    # Built without pyplot; clearing drops the artists now instead of at the next GC pass.
+    fig.clear()

@@ -47,6 +47,60 @@ def test_every_n_steps_averages_the_sampled_steps(tiny, tmp_path):
         assert logged[epoch] == pytest.approx(sum(sampled) / len(sampled), rel=1e-5)
 
 
+class StepDeltaRecorder(L.Callback):
+    """The per-step definition, read at once: sqrt of the Python sum of squared per-tensor norms
+    of θ_{t+1} − θ_t (the value OptimizerMonitor logged before it deferred the reads)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.per_epoch: dict[int, list[float]] = {}
+        self._before: list[torch.Tensor] | None = None
+        self._step = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._step = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        take = self._step % self.every == 0
+        self._step += 1
+        self._before = [p.detach().clone() for p in pl_module.parameters()] if take else None
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
+        if self._before is None:
+            return
+        diffs = [b - p.detach() for b, p in zip(self._before, pl_module.parameters(), strict=True)]
+        norm = sum(float(torch.linalg.vector_norm(d)) ** 2 for d in diffs) ** 0.5
+        self.per_epoch.setdefault(trainer.current_epoch + 1, []).append(norm)
+        self._before = None
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_update_norm_is_bitwise_the_per_step_definition(tiny, tmp_path, monkeypatch, every):
+    # Momentum SGD (the update is not lr·grad) and a mean taken from the pending norms at the
+    # epoch's end: the logged float must equal the per-step definition exactly.
+    from lightning_curvature.callbacks import sink
+
+    logged: dict[int, float] = {}
+    original = sink.MetricSink.scalars
+
+    def capture(self, values):
+        if "optim/update_norm" in values:
+            logged[self.step] = values["optim/update_norm"]
+        return original(self, values)
+
+    monkeypatch.setattr(sink.MetricSink, "scalars", capture)
+    torch.manual_seed(0)
+    rec = StepDeltaRecorder(every)
+    t = tiny.trainer(tmp_path, [OptimizerMonitor(every_n_steps=every), rec], max_epochs=2)
+    t.fit(tiny.Module(lr=0.05, momentum=0.9), tiny.loader(tiny.make_dataset(n=224)))
+    assert sorted(logged) == [1, 2]
+    for epoch, norms in rec.per_epoch.items():
+        total = 0.0
+        for n in norms:
+            total += n
+        assert logged[epoch] == total / len(norms)
+
+
 def test_every_n_steps_is_validated():
     with pytest.raises(ValueError, match="every_n_steps"):
         OptimizerMonitor(every_n_steps=0)

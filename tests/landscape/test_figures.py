@@ -105,3 +105,22 @@ def test_rejects_one_dimensional_surfaces():
         plot_surfaces(line)
     fig = plot_slices([line, line])
     assert len(fig.axes) == 2
+
+
+def test_two_panel_figure_cuts_into_its_panels_at_the_middle():
+    # Nothing (labels, colour bars, titles) crosses the middle of the fixed layout, so the
+    # halves are the single panels that LossProjection logs from one drawing.
+    from lightning_curvature.landscape.figures import render_rgb, split_panels
+
+    hess = _surface(eig=(2.0, -0.5))
+    hess.losses = 1.0 + 900.0 * (hess.losses - 1.0)
+    fig = plot_surfaces(hess, _surface(shift=3.0), titles=["Hessian, epoch 4\nλmax=2", "random"])
+    image = render_rgb(fig)
+    height, width, channels = image.shape
+    assert channels == 3 and image.dtype.name == "uint8"
+    middle = image[:, width // 2 - 3 : width // 2 + 3]
+    assert (middle == 255).all()
+    left, right = split_panels(image, 2)
+    assert left.shape[1] + right.shape[1] == width and left.shape[0] == right.shape[0] == height
+    for half in (left, right):
+        assert (half < 128).any()  # each half holds a drawn panel, not blank space
