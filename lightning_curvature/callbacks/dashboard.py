@@ -44,15 +44,20 @@ def _charts(cb: CurvatureCallback) -> dict[str, dict[str, Chart]]:
     t = cb.tag
     suffix = "" if cb.label is None else f" [{cb.label}]"
     if isinstance(cb, HessianTrace):
-        return {
-            "curvature": {
-                f"tr H ± stderr{suffix}": _margin(
-                    t("curvature/trace"),
-                    t("bands/curvature/trace_lower"),
-                    t("bands/curvature/trace_upper"),
-                )
-            }
+        charts = {
+            f"tr H ± stderr{suffix}": _margin(
+                t("curvature/trace"),
+                t("bands/curvature/trace_lower"),
+                t("bands/curvature/trace_upper"),
+            )
         }
+        if cb.per_layer:  # one line per parameter tensor (a regular expression over the tags)
+            end = "" if cb.label is None else f"/{cb.label}"
+            charts[f"tr H per parameter tensor{suffix}"] = [
+                "Multiline",
+                [f"^curvature/trace_layer/.*{end}$"],
+            ]
+        return {"curvature": charts}
     if isinstance(cb, HessianEigenvalues):
         return {
             "curvature": {

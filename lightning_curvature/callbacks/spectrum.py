@@ -116,7 +116,9 @@ class HessianSpectrum(CurvatureCallback):
 def _density_figure(grid: np.ndarray, density: np.ndarray, epoch: int) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
+    # A fixed layout: the constrained-layout pass was about half of a measurement's drawing.
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.9)
     ax = fig.add_subplot()
     floor = max(float(density.max()) * 1e-8, 1e-30) if density.size else 1e-30
     ax.semilogy(grid, np.clip(density, floor, None), color="C0")

@@ -2,7 +2,7 @@
 
 from .batches import BatchSet, as_batch_set
 from .blocks import parameter_blocks
-from .decomposition import SpectrumDecomposition, spectrum_decomposition
+from .decomposition import SpectrumDecomposition, decomposition_traces, spectrum_decomposition
 from .density import spectral_density
 from .eigen import (
     block_extreme_eigenpairs,
@@ -55,6 +55,7 @@ __all__ = [
     "parallel_lanczos",
     "parameter_blocks",
     "spectrum_decomposition",
+    "decomposition_traces",
     "CurvatureOperator",
     "DenseOperator",
     "ExtremeEigenpairs",

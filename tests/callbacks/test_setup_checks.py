@@ -184,6 +184,9 @@ def test_dashboard_follows_the_trainers_callbacks():
     tags = str(layout)
     assert "curvature/trace/big" in tags and "lambda_max" not in tags
     assert "time/HessianTrace/big" in tags
+    assert "^curvature/trace_layer/.*/big$" in tags  # the per-tensor chart of that instance
+    plain = str(cb.dashboard_layout([cb.HessianTrace(per_layer=False)], ngd=False))
+    assert "trace_layer" not in plain
 
 
 def test_nan_gradient_mid_training_warns_with_the_cause_and_skips(tiny, tmp_path):
