@@ -61,7 +61,7 @@ def main() -> None:
     module = ImageClassifier(MLP(784, (128, 128), 10), optimizer="sgd", lr=0.05)
     shared = {"num_samples": args.num_samples, "every_n_epochs": 2, "seed": args.seed,
               "measure_on_train_start": True}  # fmt: skip
-    trace = HessianTrace(num_probes=20, krylov_iters=30, **shared)
+    trace = HessianTrace(num_probes=20, krylov_iters=30, per_layer=True, **shared)
     decomposition = HessianDecomposition(num_iters=40, num_runs=2, trace_matvecs=45, **shared)
     trainer = L.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1,

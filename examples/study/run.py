@@ -85,13 +85,26 @@ def execute(
     return "ran", seconds
 
 
+def _seed(name: str) -> int:
+    return study_summary.seed_of(name)[1] or 0
+
+
 def run_all(
-    runs: list[study_plan.Run], save_dir: Path, jobs: int, threads: int, override: list[str]
+    runs: list[study_plan.Run],
+    save_dir: Path,
+    jobs: int,
+    threads: int,
+    override: list[str],
+    order: str = "cost",
 ) -> dict[str, float]:
     """Execute ``runs`` (longest first, then links); wall seconds per experiment (summed)."""
     logs = save_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    real = sorted((r for r in runs if r.link_to is None), key=lambda r: (r.priority, -r.cost))
+    real = [r for r in runs if r.link_to is None]
+    if order == "seed":  # every arm's seed 0 first: partial results stay comparable
+        real.sort(key=lambda r: (r.priority, _seed(r.name), -r.cost))
+    else:
+        real.sort(key=lambda r: (r.priority, -r.cost))
     spent: dict[str, float] = {}
     failures = []
 
@@ -166,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="extra argument appended to every run (repeatable)",
     )
+    p.add_argument(
+        "--order",
+        choices=("cost", "seed"),
+        default="cost",
+        help="cost: longest runs first (shortest wall time); seed: all arms' seed 0 first",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--no-report", action="store_true", help="skip reports and summary")
     return p
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         calibrate.main(["--models", ",".join(models), "--out", str(args.save_dir / "calibration")])
         print(f"[study] calibrate: {time.perf_counter() - t:.0f} s", flush=True)
-    spent = run_all(runs, args.save_dir, args.jobs, threads, args.override)
+    spent = run_all(runs, args.save_dir, args.jobs, threads, args.override, args.order)
     if not args.no_report:
         report(args.save_dir, args.figures, experiments, models)
         text = study_summary.summarize(args.save_dir)

@@ -43,7 +43,7 @@ def test_layer_traces_are_logged_and_match_the_hessian_blocks(tmp_path, tiny, me
     budget = {"num_probes": 300} if method == "krylov" else {"num_matvecs": 600}
     trace = cb.HessianTrace(
         method=method, krylov_iters=6, num_samples=None, batch_size=None, every_n_epochs=1,
-        **budget,
+        per_layer=True, **budget,
     )  # fmt: skip
     trainer = tiny.trainer(tmp_path, [trace], max_epochs=2)
     trainer.fit(module, tiny.loader(data, seed=0))
