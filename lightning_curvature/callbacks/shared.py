@@ -113,6 +113,10 @@ class EpochMeasurement:
                 self.data,
                 eval_mode=self.eval_mode,
                 reduce_fn=self.dist.reduce_fn,
+                # A fixed route: the two routes round differently, and a timing-based choice
+                # would make logged values depend on the process's history (the loop was the
+                # faster route at every block size measured on CPU, docs/benchmarks.md).
+                vectorize_matmat=False,
             )
             self.seconds["hessian"] = time.perf_counter() - start
         return self._hessian

@@ -179,7 +179,7 @@ def test_dashboard_has_one_chart_per_quantity_and_ngd_only_with_ngd():
 
 
 def test_dashboard_follows_the_trainers_callbacks():
-    named = cb.HessianTrace(name="big")
+    named = cb.HessianTrace(name="big", per_layer=True)
     layout = cb.dashboard_layout([named, cb.OptimizerMonitor()], ngd=False)
     tags = str(layout)
     assert "curvature/trace/big" in tags and "lambda_max" not in tags
