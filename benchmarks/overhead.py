@@ -58,6 +58,12 @@ HOOKS = (
 TARGET = 0.25
 
 
+#: The epoch being timed, set once per epoch by :class:`EpochTimer` (reading
+#: ``trainer.current_epoch`` in every wrapped per-step hook was itself a measurable cost that
+#: the table would have charged to the callbacks).
+_CURRENT_EPOCH = [0]
+
+
 class HookTimer:
     """Wrap every hook of ``callback`` and accumulate its wall time per epoch."""
 
@@ -69,16 +75,25 @@ class HookTimer:
             setattr(callback, name, self._timed(original))
 
     def _timed(self, fn: Any) -> Any:
+        seconds, clock, epoch_of = self.seconds, time.perf_counter, _CURRENT_EPOCH
+
         @functools.wraps(fn)
         def wrapper(trainer: L.Trainer, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(trainer, *args, **kwargs)
             finally:
-                epoch = trainer.current_epoch
-                self.seconds[epoch] = self.seconds.get(epoch, 0.0) + time.perf_counter() - start
+                epoch = epoch_of[0]
+                seconds[epoch] = seconds.get(epoch, 0.0) + clock() - start
 
         return wrapper
+
+
+class EpochMarker(L.Callback):
+    """First in the callback list: records the epoch before any timed hook of it runs."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        _CURRENT_EPOCH[0] = trainer.current_epoch
 
 
 class EpochTimer(L.Callback):
@@ -145,7 +160,7 @@ def fit(datamodule: Any, callbacks: list[L.Callback], epochs: int, seed: int, lo
         devices=1,
         max_epochs=epochs,
         logger=TensorBoardLogger(log_dir, name="overhead"),
-        callbacks=[*callbacks, timer],
+        callbacks=[EpochMarker(), *callbacks, timer],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

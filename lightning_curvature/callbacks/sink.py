@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -72,15 +73,22 @@ class MetricSink:
 
     # -- rich content (TensorBoard only, rank zero only) -----------------------------------
     def figure(self, tag: str, fig: Any) -> None:
-        if self.is_global_zero:
-            for lg in self.tensorboard:
-                lg.experiment.add_figure(tag, fig, global_step=self.step, close=False)
+        if self.is_global_zero and self.tensorboard:
+            self.image(tag, _render_hwc(fig))
         _close(fig)
 
     def image(self, tag: str, image_hwc: np.ndarray) -> None:
-        if self.is_global_zero:
-            for lg in self.tensorboard:
-                lg.experiment.add_image(tag, image_hwc, global_step=self.step, dataformats="HWC")
+        """An ``(H, W, 3)`` ``uint8`` image, PNG-encoded once for every TensorBoard logger."""
+        if not self.is_global_zero or not self.tensorboard:
+            return
+        summary = _image_summary(tag, image_hwc)
+        for lg in self.tensorboard:
+            writer = lg.experiment
+            file_writer = getattr(writer, "file_writer", None)
+            if summary is None or file_writer is None:
+                writer.add_image(tag, image_hwc, global_step=self.step, dataformats="HWC")
+            else:
+                file_writer.add_summary(summary, self.step)
 
     def histogram(self, tag: str, bucket_limits: np.ndarray, bucket_counts: np.ndarray) -> None:
         """A histogram from bin right edges and counts (e.g. a density times the bin width)."""
@@ -121,6 +129,46 @@ class MetricSink:
         path = os.path.join(root, subdir)
         os.makedirs(path, exist_ok=True)
         return path
+
+
+#: zlib level of the PNG images: level 1 encodes about 2.5x faster than PIL's default (6) for
+#: these figures, at ~17% larger files; the encoding was a sixth of a LossProjection measurement.
+_PNG_LEVEL = 1
+
+
+def _render_hwc(fig: Any) -> np.ndarray:
+    """A matplotlib figure drawn by the Agg backend, as ``(H, W, 3)`` ``uint8``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def _image_summary(tag: str, image_hwc: np.ndarray) -> Any:
+    """The TensorBoard image ``Summary`` (as ``SummaryWriter.add_image`` writes it), or None.
+
+    The same proto as ``add_image``; only the PNG encoder's compression level differs
+    (``_PNG_LEVEL``). None when the image is not ``uint8`` RGB or PIL/the proto is unavailable
+    (the caller then uses ``add_image``).
+    """
+    image = np.asarray(image_hwc)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    try:
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+    except ImportError:  # pragma: no cover - both ship with tensorboard/matplotlib
+        return None
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(
+        buffer, format="PNG", compress_level=_PNG_LEVEL
+    )
+    height, width, channels = image.shape
+    encoded = Summary.Image(
+        height=height, width=width, colorspace=channels, encoded_image_string=buffer.getvalue()
+    )
+    return Summary(value=[Summary.Value(tag=tag, image=encoded)])
 
 
 def _close(fig: Any) -> None:

@@ -7,7 +7,7 @@ grids, per-sample gradients) goes through :class:`FunctionalLoss`, which calls t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -102,15 +102,24 @@ class FunctionalLoss:
         buffers = {n: b.clone() for n, b in self._buffers.items()} if training else self._buffers
         return {**buffers, **self._frozen}
 
-    def tensors(self, theta: Tensor) -> dict[str, Tensor]:
-        """The full ``functional_call`` dictionary for flat parameters ``theta``."""
-        return {**self.fixed_tensors(), **self.layout.unflatten(theta)}
+    def tensors(self, theta: Tensor | Sequence[Tensor]) -> dict[str, Tensor]:
+        """The full ``functional_call`` dictionary for parameters ``theta``.
 
-    def outputs(self, theta: Tensor, inputs: object) -> object:
-        """Model outputs at parameters ``theta``."""
+        ``theta`` is the flat vector, or one tensor per parameter in layout order (e.g. separate
+        autograd leaves: differentiating through slices of a flat leaf would make every backward
+        pass write one full-size zero tensor per parameter).
+        """
+        if isinstance(theta, Tensor):
+            return {**self.fixed_tensors(), **self.layout.unflatten(theta)}
+        if len(theta) != len(self.layout.names):
+            raise ValueError(f"expected {len(self.layout.names)} tensors, got {len(theta)}")
+        return {**self.fixed_tensors(), **dict(zip(self.layout.names, theta, strict=True))}
+
+    def outputs(self, theta: Tensor | Sequence[Tensor], inputs: object) -> object:
+        """Model outputs at parameters ``theta`` (flat, or one tensor per parameter)."""
         return call_module(self.module, self.tensors(theta), inputs)
 
-    def __call__(self, theta: Tensor, batch: Batch) -> Tensor:
+    def __call__(self, theta: Tensor | Sequence[Tensor], batch: Batch) -> Tensor:
         """Mean loss of one batch at parameters ``theta``."""
         inputs, targets = batch
         return self.loss_fn(self.outputs(theta, inputs), targets)

@@ -31,7 +31,7 @@ __all__ = ["GGNOperator"]
 class _BatchGraphs(NamedTuple):
     outputs: Tensor  # f(θ), graph to θ
     dummy: Tensor  # u, same shape as outputs
-    jtu: Tensor  # Jᵀu, graph to u (and θ)
+    jtu: list[tuple[Tensor, int]]  # (Jᵀu)_i per parameter i it reaches, graph to u (and θ)
     detached: Tensor  # f(θ) detached, the leaf ∇_f ℓ is taken at
     loss_grad: Tensor  # (n_b/N) ∇_f ℓ, graph to `detached`
 
@@ -43,7 +43,7 @@ class GGNOperator(ModelCurvatureOperator):
     (without ``method``). The model's forward pass must return one tensor.
     """
 
-    def _build(self, theta: Tensor, batch: Batch, weight: float) -> _BatchGraphs:
+    def _build(self, theta: tuple[Tensor, ...], batch: Batch, weight: float) -> _BatchGraphs:
         inputs, targets = batch
         outputs = self._floss.outputs(theta, inputs)
         if not isinstance(outputs, Tensor):
@@ -51,22 +51,30 @@ class GGNOperator(ModelCurvatureOperator):
                 f"GGNOperator needs the model to return one tensor, got {type(outputs).__name__}"
             )
         dummy = torch.zeros_like(outputs, requires_grad=True)
-        (jtu,) = torch.autograd.grad(outputs, theta, dummy, create_graph=True)
+        grads = torch.autograd.grad(outputs, theta, dummy, create_graph=True, allow_unused=True)
+        jtu = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         detached = outputs.detach().requires_grad_(True)
         loss = self.loss_fn(detached, targets) * weight
         (loss_grad,) = torch.autograd.grad(loss, detached, create_graph=True)
         return _BatchGraphs(outputs, dummy, jtu, detached, loss_grad)
 
-    def _apply(self, theta: Tensor, graphs: list[Any], rows: Tensor, batched: bool) -> Tensor:
-        probes = rows if batched else rows[0]
+    def _apply(
+        self, theta: tuple[Tensor, ...], graphs: list[Any], rows: Tensor, batched: bool
+    ) -> Tensor:
+        probes = self._parts(rows if batched else rows[0])
+        live = [g for g in graphs if g.jtu]
+        if not live:  # no parameter reaches the outputs: G = 0
+            return torch.zeros_like(rows)
+        # J v = d/du [(Jᵀu)·v]: every parameter's part of Jᵀu against its part of v.
         jv = batched_grad(
-            [g.jtu for g in graphs],
-            [g.dummy for g in graphs],
-            [probes] * len(graphs),
+            [t for g in live for t, _ in g.jtu],
+            [g.dummy for g in live],
+            [probes[i] for g in live for _, i in g.jtu],
             batched=batched,
         )
         hjv = batched_grad(
-            [g.loss_grad for g in graphs], [g.detached for g in graphs], list(jv), batched=batched
+            [g.loss_grad for g in live], [g.detached for g in live], list(jv), batched=batched
         )
-        (out,) = batched_grad([g.outputs for g in graphs], [theta], list(hjv), batched=batched)
-        return out if batched else out[None, :]
+        out = batched_grad([g.outputs for g in live], list(theta), list(hjv), batched=batched)
+        flat = self._flat(out)
+        return flat if batched else flat[None, :]

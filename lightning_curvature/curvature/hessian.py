@@ -153,17 +153,26 @@ class HessianOperator(ModelCurvatureOperator):
         return self._linearized
 
     # -- double backward ---------------------------------------------------------------------
-    def _build(self, theta: Tensor, batch: Batch, weight: float) -> Tensor:
+    def _build(self, theta: tuple[Tensor, ...], batch: Batch, weight: float) -> list[Any]:
+        """``[(g_i, i)]``: the per-parameter gradients that depend on ``theta`` (graphs kept)."""
         loss = self._floss(theta, batch) * weight
-        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-        return g
+        grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        # A parameter the loss does not reach (or reaches only linearly) has no second-order
+        # graph: its rows of H are zero, which batched_grad's zeros for unused inputs give.
+        return [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
-    def _apply(self, theta: Tensor, graphs: list[Any], rows: Tensor, batched: bool) -> Tensor:
-        if batched:
-            (out,) = batched_grad(graphs, [theta], [rows] * len(graphs), batched=True)
-            return out
-        (out,) = batched_grad(graphs, [theta], [rows[0]] * len(graphs), batched=False)
-        return out[None, :]
+    def _apply(
+        self, theta: tuple[Tensor, ...], graphs: list[Any], rows: Tensor, batched: bool
+    ) -> Tensor:
+        probes = self._parts(rows if batched else rows[0])
+        pairs = [pair for graph in graphs for pair in graph]
+        if not pairs:  # the loss is linear in every parameter: H = 0
+            return torch.zeros_like(rows)
+        out = batched_grad(
+            [g for g, _ in pairs], list(theta), [probes[i] for _, i in pairs], batched=batched
+        )
+        flat = self._flat(out)
+        return flat if batched else flat[None, :]
 
     # -- functional routes -------------------------------------------------------------------
     def _loss_closure(self, inputs: object, targets: object, weight: float) -> tuple[Any, tuple]:

@@ -32,8 +32,9 @@ def rademacher(
     dim: int, k: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``(dim, k)`` matrix of independent ±1 entries."""
-    signs = torch.randint(0, 2, (dim, k), generator=generator, device=generator.device)
-    return (signs.to(dtype) * 2 - 1).to(device)
+    # Drawn straight in ``dtype`` (the same stream as int64 draws) and mapped to ±1 in place.
+    signs = torch.randint(0, 2, (dim, k), generator=generator, device=generator.device, dtype=dtype)
+    return signs.mul_(2).sub_(1).to(device)
 
 
 def gaussian(

@@ -252,29 +252,14 @@ def krylov_deflated_trace(
     parts = resolve_blocks(base, blocks)
     start = time.perf_counter()
     gen = as_generator(generator)
-    # Projections in float64: P = I − QQᵀ applied in float32 leaves a Krylov component of the
-    # size of the rounding, which the block terms would pick up.
-    q = run.basis.to(device=base.device, dtype=torch.float64)
-    probes = rademacher(base.dim, num_probes, gen, torch.float64, base.device)
-    columns = [probes - q @ (q.T @ probes)]
-    # β_k q_{k+1} = P A q_k, the only nonzero column of PAQ (none on an invariant subspace).
-    cross = bool(parts) and run.residual_norm > 0 and q.shape[1] < base.dim
-    if cross:
-        columns.append(q[:, -1:])
-    images = _blocked_matmat(base, torch.cat(columns, dim=1).to(base.dtype), block_size)
-    images = images.to(torch.float64)
-    outside = images[:, :num_probes]
-    outside = outside - q @ (q.T @ outside)  # P A P z
-    terms = probes * outside
-    rest, stderr = _mean_and_stderr(terms.sum(dim=0).cpu())
-    per_block: tuple[BlockTrace, ...] = ()
     if parts:
-        t = run.tridiagonal().to(q.device)
-        exact = block_sums((q @ t) * q, parts).sum(dim=1)
-        if cross:
-            last = images[:, num_probes:]
-            exact += 2 * block_sums((last - q @ (q.T @ last)) * q[:, -1:], parts).sum(dim=1)
-        per_block = _block_traces(parts, exact, block_sums(terms, parts))
+        rest, stderr, per_block = _krylov_rest_by_block(
+            base, run, num_probes, gen, parts, block_size
+        )
+        cross = run.residual_norm > 0 and run.basis.shape[1] < base.dim
+    else:
+        rest, stderr = _krylov_rest(base, run, num_probes, gen, block_size)
+        per_block, cross = (), False
     return TraceEstimate(
         value=float(run.alphas.sum()) + rest,
         stderr=stderr,
@@ -283,3 +268,59 @@ def krylov_deflated_trace(
         num_probes=num_probes,
         blocks=per_block,
     )
+
+
+def _krylov_rest(
+    base: CurvatureOperator,
+    run: LanczosResult,
+    num_probes: int,
+    gen: torch.Generator,
+    block_size: int | None,
+) -> tuple[float, float]:
+    """Hutchinson on ``PAP`` as ``(Pz)ᵀA(Pz)``: one projection, in the operator's dtype.
+
+    ``zᵀPAPz = (Pz)ᵀA(Pz)`` for the symmetric projector ``P``, so the image needs no second
+    projection. Rounding leaves a Krylov component of relative size ``ε`` in ``Pz``; in the sum
+    over all coordinates it changes a term by ``O(ε)`` relative (the block terms, which it
+    would bias, take the float64 route of :func:`_krylov_rest_by_block`). Terms are summed
+    in float64.
+    """
+    q = run.basis.to(device=base.device, dtype=base.dtype)
+    probes = rademacher(base.dim, num_probes, gen, base.dtype, base.device)
+    deflated = probes - q @ (q.T @ probes)
+    images = _blocked_matmat(base, deflated, block_size)
+    terms = (deflated * images).sum(dim=0, dtype=torch.float64)
+    return _mean_and_stderr(terms.cpu())
+
+
+def _krylov_rest_by_block(
+    base: CurvatureOperator,
+    run: LanczosResult,
+    num_probes: int,
+    gen: torch.Generator,
+    parts: Sequence[Block],
+    block_size: int | None,
+) -> tuple[float, float, tuple[BlockTrace, ...]]:
+    """Hutchinson on ``PAP`` with the per-block terms and the exact Krylov parts of each block."""
+    assert run.basis is not None
+    # Projections in float64: P = I − QQᵀ applied in float32 leaves a Krylov component of the
+    # size of the rounding, which the block terms would pick up.
+    q = run.basis.to(device=base.device, dtype=torch.float64)
+    probes = rademacher(base.dim, num_probes, gen, torch.float64, base.device)
+    columns = [probes - q @ (q.T @ probes)]
+    # β_k q_{k+1} = P A q_k, the only nonzero column of PAQ (none on an invariant subspace).
+    cross = run.residual_norm > 0 and q.shape[1] < base.dim
+    if cross:
+        columns.append(q[:, -1:])
+    images = _blocked_matmat(base, torch.cat(columns, dim=1).to(base.dtype), block_size)
+    images = images.to(torch.float64)
+    outside = images[:, :num_probes]
+    outside = outside - q @ (q.T @ outside)  # P A P z
+    terms = probes * outside
+    rest, stderr = _mean_and_stderr(terms.sum(dim=0).cpu())
+    t = run.tridiagonal().to(q.device)
+    exact = block_sums((q @ t) * q, parts).sum(dim=1)
+    if cross:
+        last = images[:, num_probes:]
+        exact += 2 * block_sums((last - q @ (q.T @ last)) * q[:, -1:], parts).sum(dim=1)
+    return rest, stderr, _block_traces(parts, exact, block_sums(terms, parts))

@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,8 +151,43 @@ class _NanGradientSteps:
         bad = torch.isfinite(losses) & ~finite
         self.first = torch.where(bad & (self.first < 0), t, self.first)
 
+    def record_parts(self, t: int, grads: list[Tensor], losses: Tensor) -> None:
+        """:meth:`record` for per-parameter gradients ``(chains, *shape)`` (no flat copy)."""
+        flat = [g.reshape(g.shape[0], -1) for g in grads]
+        top = torch.stack([g.amax(dim=1) for g in flat]).amax(dim=0)
+        low = torch.stack([g.amin(dim=1) for g in flat]).amin(dim=0)
+        finite = torch.isfinite(top) & torch.isfinite(low)
+        bad = torch.isfinite(losses) & ~finite
+        self.first = torch.where(bad & (self.first < 0), t, self.first)
+
     def steps(self) -> Tensor:
         return self.first.cpu()
+
+
+class _PartsUpdate:
+    """The SGLD update applied parameter tensor by parameter tensor, on views of the flat state.
+
+    The gradients arrive per parameter (``grad`` of the per-parameter dict); concatenating them
+    into one flat vector at every step cost about a tenth of an SGLD step on a 2x256 MLP. The
+    update is elementwise, so applying :func:`_sgld_update` to each slice gives exactly the flat
+    result.
+    """
+
+    def __init__(self, layout: Any, theta: Tensor, center: Tensor) -> None:
+        self.layout, self.names = layout, layout.names
+        self.theta = list(layout.unflatten(theta).values())
+        self.center = list(layout.unflatten(center).values())
+
+    def grads(self, grads: dict[str, Tensor], chains: bool) -> list[Tensor]:
+        out = [grads[n] for n in self.names]
+        return out if chains else [g.unsqueeze(0) for g in out]
+
+    def __call__(
+        self, grads: list[Tensor], noise: Tensor, eps: float, gamma: float, nbeta: float
+    ) -> None:
+        noises = self.layout.unflatten(noise).values()
+        for theta, g, xi, center in zip(self.theta, grads, noises, self.center, strict=True):
+            _sgld_update(theta, g.reshape(theta.shape), xi, center, eps, gamma, nbeta)
 
 
 def _index(obj: Tensor, idx: Tensor | None) -> Tensor:
@@ -252,15 +288,16 @@ def _sgld_update(
     eps: float,
     gamma: float,
     nbeta: float,
-    work: Tensor | None = None,
 ) -> None:
-    # w ← w − (ε/2)(nβ·g + γ(w − w*)) + √ε·ξ, in place and fused into few kernels; ``work``
-    # (shaped like ``theta``) holds w − w* without a fresh allocation at every step.
-    drift = grad.mul_(nbeta)
+    """``w ← w − (ε/2)(nβ·g + γ(w − w*)) + √ε·ξ`` in place, in three passes over ``w``.
+
+    The pull towards w* is a lerp, ``w + (εγ/2)(w* − w)``; then the gradient and the noise
+    terms. Every term uses the ``w`` the gradient was taken at (the lerp reads each entry before
+    writing it), as in the formula; no temporary is allocated.
+    """
     if gamma != 0.0:
-        diff = theta - center if work is None else torch.sub(theta, center, out=work)
-        drift.add_(diff, alpha=gamma)
-    theta.add_(drift, alpha=-0.5 * eps).add_(noise, alpha=math.sqrt(eps))
+        theta.lerp_(center, 0.5 * eps * gamma)
+    theta.add_(grad, alpha=-0.5 * eps * nbeta).add_(noise, alpha=math.sqrt(eps))
 
 
 def _run_vectorized(
@@ -285,16 +322,16 @@ def _run_vectorized(
     noise = _NoiseStream([g[1] for g in gens], dim, num_steps, theta)
     losses = torch.empty(num_steps, num_chains, dtype=theta.dtype, device=theta.device)
     first_bad = _NanGradientSteps(num_chains, theta.device)
-    work = torch.empty_like(theta)
+    update = _PartsUpdate(layout, theta, center)
     for t in range(num_steps):
         step_idx = None if idx is None else idx[t]
         grads, loss = step_fn(
             layout.unflatten(theta), _index(inputs, step_idx), _index(targets, step_idx)
         )
         losses[t] = loss.detach()
-        flat = layout.flatten(grads)
-        first_bad.record(t, flat, losses[t])
-        _sgld_update(theta, flat, noise.next(), center, eps, gamma, nbeta, work)
+        parts = update.grads(grads, chains=True)
+        first_bad.record_parts(t, parts, losses[t])
+        update(parts, noise.next(), eps, gamma, nbeta)
     return ChainTraces(
         losses.T.to(device="cpu", dtype=torch.float64).contiguous(),
         ids,
@@ -321,16 +358,15 @@ def _run_sequential(
         noise = _NoiseStream([noise_gen], layout.dim, num_steps, theta)
         losses = torch.empty(num_steps, dtype=theta.dtype, device=theta.device)
         first_bad = _NanGradientSteps(1, theta.device)
-        work = torch.empty_like(theta)
+        update = _PartsUpdate(layout, theta, center)
         for t in range(num_steps):
             step_idx = None if idx is None else idx[t]
             grads, loss = step_fn(
                 layout.unflatten(theta), _index(inputs, step_idx), _index(targets, step_idx)
             )
             losses[t] = loss.detach()
-            flat = layout.flatten(grads)
-            first_bad.record(t, flat.unsqueeze(0), losses[t : t + 1])
-            _sgld_update(theta, flat, noise.next()[0], center, eps, gamma, nbeta, work)
+            first_bad.record_parts(t, update.grads(grads, chains=False), losses[t : t + 1])
+            update([grads[n] for n in update.names], noise.next()[0], eps, gamma, nbeta)
         rows.append(losses)
         bad_steps.append(first_bad.steps())
     traces = (torch.stack(rows) if rows else torch.empty(0, num_steps, dtype=center.dtype)).to(

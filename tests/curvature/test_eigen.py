@@ -37,6 +37,42 @@ def test_lanczos_relation_and_orthogonality():
     assert resid[:, -1].norm() == pytest.approx(res.residual_norm, rel=1e-10)
 
 
+def test_lanczos_keeps_float32_bases_orthogonal_without_ghosts():
+    # Many steps past convergence of a dominant outlier: the regime in which the plain
+    # recurrence loses orthogonality and repeats the outlier as "ghost" Ritz values.
+    eigs = torch.cat([torch.tensor([400.0, 150.0]), torch.linspace(-1.0, 1.0, 398)])
+    a = with_spectrum(eigs, seed=4).to(torch.float32)
+    op = MatrixOp(a)
+    op.dtype = torch.float32
+    res = lanczos(op, 120, generator=5)
+    q = res.basis.to(torch.float64)
+    assert res.basis.dtype == torch.float32 and res.num_iters == 120
+    assert (q.T @ q - torch.eye(120, dtype=torch.float64)).abs().max() < 1e-5
+    theta = res.ritz()[0]
+    assert int((theta > 399.0).sum()) == 1 and int(((theta > 149.0) & (theta < 151.0)).sum()) == 1
+    assert float(theta.max()) == pytest.approx(400.0, rel=1e-6)
+    # Reference: the same recurrence with two full passes in float64 gives the same T_k.
+    ref_t = _two_pass_lanczos_t(a.to(torch.float64), res.basis[:, 0].to(torch.float64), 120)
+    assert torch.allclose(res.tridiagonal()[:30, :30], ref_t[:30, :30], atol=1e-3)
+
+
+def _two_pass_lanczos_t(a, q0, k):
+    """Textbook Lanczos with two full Gram–Schmidt passes, float64 (independent of the engine)."""
+    qs, alphas, betas = [q0 / q0.norm()], [], []
+    for j in range(k):
+        w = a @ qs[-1]
+        alphas.append(float(qs[-1] @ w))
+        basis = torch.stack(qs, dim=1)
+        for _ in range(2):
+            w = w - basis @ (basis.T @ w)
+        if j < k - 1:
+            betas.append(float(w.norm()))
+            qs.append(w / betas[-1])
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    off = torch.tensor(betas, dtype=torch.float64)
+    return t + torch.diag(off, 1) + torch.diag(off, -1)
+
+
 def test_lanczos_stops_on_invariant_subspace_and_accepts_v0():
     a = with_spectrum(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), seed=2)
     evecs = torch.linalg.eigh(a).eigenvectors
