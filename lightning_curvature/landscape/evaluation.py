@@ -141,7 +141,7 @@ class _StemPoints:
     def __init__(
         self,
         stem: LinearStem,
-        model: nn.Sequential,
+        model: nn.Module,
         functional: FunctionalLoss,
         center: Tensor,
         basis: Tensor,
@@ -150,7 +150,7 @@ class _StemPoints:
     ) -> None:
         self.stem, self.model, self.functional = stem, model, functional
         layout = functional.layout
-        prefix = f"{stem.index}."
+        prefix = stem.layer_prefix
         self.tail = [
             (n, o, k, shape)
             for n, o, k, shape in zip(
@@ -322,7 +322,7 @@ def evaluate_points(
         if stem is None:
             points = _DirectPoints(functional, center, basis, coefficients, weighted)
         else:
-            points = _StemPoints(stem, model, functional, center, basis, coefficients, weighted)  # type: ignore[arg-type]
+            points = _StemPoints(stem, model, functional, center, basis, coefficients, weighted)
         vectorized = _run_chunks(points, losses, num_points, chunk_size, vectorize, center.device)
     if reduce_fn is not None:
         losses = reduce_fn(losses)
@@ -369,7 +369,7 @@ def _choose_stem(
     if linear_stem is None:
         # Terms of the per-point combination: Z_0 plus the nonzero coordinates of a point.
         terms = 1 + int((coefficients != 0).sum(dim=1).max()) if len(coefficients) else 1
-        if stem.fan_in(model) < MIN_FAN_IN_PER_TERM * terms:  # type: ignore[arg-type]
+        if stem.fan_in(model) < MIN_FAN_IN_PER_TERM * terms:
             return None  # the combination would cost more than the layer (landscape.stem)
         if _stem_bytes(functional, center, batches, basis.shape[0]) > memory_budget:
             return None

@@ -23,7 +23,11 @@ qualifies; LeNet-5's first convolution (fan-in 1·5·5 = 25) does not, and was m
 *slower* with it (its output, 6×28×28 per sample, is large next to its work).
 
 Where it applies (:func:`find_linear_stem`): an ``nn.Sequential`` (exact type, so ``forward``
-is the plain chain) with no hooks, whose first parametrized child is an ``nn.Linear`` or
+is the plain chain), or a module that declares in its own class body ``forward_module = "<name>"``
+(its ``forward`` is exactly ``self.<name>(x)``, as :class:`~lightning_curvature.models.MLP` and
+:class:`~lightning_curvature.models.ImageClassifier` do) and owns no parameter or buffer
+outside that child, followed down to such a Sequential; no hooks anywhere; the Sequential's first
+parametrized child is an ``nn.Linear`` or
 ``nn.Conv1d/2d/3d`` (exact types) reached through parameter-free ``Flatten``/``Unflatten``/
 ``Identity`` children, whose parameters are tied to no other module, and batches whose inputs
 are tensors. Anything else is evaluated by the generic path of
@@ -85,35 +89,53 @@ class LinearStem:
     ----------
     index : int
         Position of the first layer among the Sequential's children.
+    path : str
+        Dotted path of that ``nn.Sequential`` inside the model (``""``: the model itself).
     """
 
     index: int
+    path: str = ""
 
-    def fan_in(self, model: nn.Sequential) -> int:
+    def sequential(self, model: nn.Module) -> nn.Sequential:
+        """The ``nn.Sequential`` the stem lives in."""
+        seq = model.get_submodule(self.path) if self.path else model
+        assert isinstance(seq, nn.Sequential)
+        return seq
+
+    def child_prefix(self, j: int) -> str:
+        """Parameter-name prefix of the Sequential's ``j``-th child in the model's names."""
+        return f"{self.path}.{j}." if self.path else f"{j}."
+
+    @property
+    def layer_prefix(self) -> str:
+        """Parameter-name prefix of the first layer (``"0."``, ``"model.net.1."``, ...)."""
+        return self.child_prefix(self.index)
+
+    def fan_in(self, model: nn.Module) -> int:
         """Multiply-adds per output element of the first layer (in_features, or C_in/g·∏k)."""
-        layer = model[self.index]
+        layer = self.sequential(model)[self.index]
         if isinstance(layer, nn.Linear):
             return int(layer.in_features)
         return int(layer.in_channels // layer.groups * math.prod(layer.kernel_size))
 
-    def prefix(self, model: nn.Sequential, inputs: Tensor) -> Tensor:
+    def prefix(self, model: nn.Module, inputs: Tensor) -> Tensor:
         """The parameter-free reshapes before the first layer, applied to the data."""
-        for child in list(model.children())[: self.index]:
+        for child in list(self.sequential(model).children())[: self.index]:
             inputs = child(inputs)
         return inputs
 
     def outputs(
         self,
-        model: nn.Sequential,
+        model: nn.Module,
         functional: FunctionalLoss,
         center: Tensor,
         basis: Tensor,
         inputs: Tensor,
     ) -> Tensor:
         """``(K + 1, *out)``: Z_0 at w* and Z_k = s(x; b_k) for every basis row."""
-        layer = model[self.index]
+        layer = self.sequential(model)[self.index]
         x = self.prefix(model, inputs)
-        prefix = f"{self.index}."
+        prefix = self.layer_prefix
         names = [n for n, _ in layer.named_parameters()]
         at_center = {**functional.fixed_tensors(), **functional.layout.unflatten(center)}
         rows = [functional_call(layer, {n: at_center[prefix + n] for n in names}, (x,))]
@@ -129,26 +151,48 @@ class LinearStem:
             rows.append(functional_call(layer, params, (x,)))
         return torch.stack(rows)
 
-    def tail_outputs(
-        self, model: nn.Sequential, tensors: dict[str, Tensor], hidden: Tensor
-    ) -> Tensor:
+    def tail_outputs(self, model: nn.Module, tensors: dict[str, Tensor], hidden: Tensor) -> Tensor:
         """The children after the first layer, at the parameters/buffers in ``tensors``."""
-        for j, child in enumerate(model.children()):
+        for j, child in enumerate(self.sequential(model).children()):
             if j <= self.index:
                 continue
-            prefix = f"{j}."
+            prefix = self.child_prefix(j)
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             hidden = functional_call(child, own, (hidden,)) if own else child(hidden)
         return hidden
 
 
+def _pass_through_path(model: nn.Module) -> str | None:
+    """Dotted path from ``model`` down to an ``nn.Sequential`` through declared pass-throughs.
+
+    A pass-through declares ``forward_module = "<name>"`` in its own class body (a subclass
+    that may override ``forward`` does not inherit the declaration) and owns no parameter or
+    buffer of its own, so its output is exactly that child's.
+    """
+    names: list[str] = []
+    module = model
+    while type(module) is not nn.Sequential:
+        name = type(module).__dict__.get("forward_module")
+        if not isinstance(name, str) or len(names) > 8:
+            return None
+        child = module._modules.get(name)
+        own_tensors = [*module._parameters.values(), *module._buffers.values()]
+        if not isinstance(child, nn.Module) or any(t is not None for t in own_tensors):
+            return None
+        names.append(name)
+        module = child
+    return ".".join(names)
+
+
 def find_linear_stem(model: nn.Module, batches: Sequence[object]) -> LinearStem | None:
     """The :class:`LinearStem` of ``model``, or ``None`` where the rewrite does not apply."""
-    if type(model) is not nn.Sequential or _has_hooks(model) or _global_hooks():
+    path = _pass_through_path(model)
+    if path is None or _has_hooks(model) or _global_hooks():
         return None
     if not all(isinstance(b[0], Tensor) for b in batches):  # type: ignore[index]
         return None
-    for i, child in enumerate(model.children()):
+    seq = model.get_submodule(path) if path else model
+    for i, child in enumerate(seq.children()):
         if type(child) in _RESHAPES:
             continue
         if type(child) not in _STEM_LAYERS or any(True for _ in child.buffers()):
@@ -157,5 +201,5 @@ def find_linear_stem(model: nn.Module, batches: Sequence[object]) -> LinearStem 
             return None
         # Any padding mode is fine (it acts on the input); a first layer outside ``layout``
         # simply has zero direction outputs.
-        return LinearStem(i)
+        return LinearStem(i, path)
     return None

@@ -74,6 +74,10 @@ class ImageClassifier(pl.LightningModule):
         optimizer).
     """
 
+    #: ``forward(x)`` is exactly ``self.model(x)``: landscape grids may evaluate ``model``
+    #: directly (:func:`~lightning_curvature.landscape.stem.find_linear_stem`).
+    forward_module = "model"
+
     def __init__(
         self,
         model: nn.Module,

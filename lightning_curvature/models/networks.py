@@ -46,6 +46,10 @@ class MLP(nn.Module):
     ``[input_size, *hidden_sizes, num_classes]``; 784-256-256-10 has 269,322.
     """
 
+    #: ``forward(x)`` is exactly ``self.net(x)``: landscape grids may evaluate ``net``
+    #: directly (:func:`~lightning_curvature.landscape.stem.find_linear_stem`).
+    forward_module = "net"
+
     def __init__(
         self,
         input_size: int = 784,

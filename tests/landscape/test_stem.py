@@ -209,3 +209,53 @@ def test_models_the_rewrite_does_not_cover_fall_back_or_refuse():
     torch.testing.assert_close(fits.losses, small.losses, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="linear_stem"):
         evaluate_points(model, nn.CrossEntropyLoss(), (x, y), basis, coef, linear_stem="yes")
+
+
+class _Wrapper(nn.Module):
+    """A declared pass-through (as MLP and ImageClassifier declare theirs)."""
+
+    forward_module = "inner"
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.inner(x)
+
+
+class _Overriding(_Wrapper):
+    """Inherits the declaration but changes forward: must not take the rewrite."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return 2.0 * self.inner(x)
+
+
+def test_declared_pass_through_modules_reach_the_rewrite():
+    from lightning_curvature.models import MLP, ImageClassifier
+
+    torch.manual_seed(5)
+    classifier = ImageClassifier(MLP(12, (9,), 3), optimizer="sgd", lr=0.1).double()
+    x, y = _data((1, 4, 3))
+    theta = torch.nn.utils.parameters_to_vector(classifier.parameters()).detach()
+    g = torch.Generator().manual_seed(6)
+    basis = torch.randn(2, theta.numel(), generator=g, dtype=torch.float64)
+    coef = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    r = evaluate_points(classifier, nn.CrossEntropyLoss(), (x, y), basis, coef, linear_stem=True)
+    assert r.linear_stem
+    for p in range(6):
+        expected = _direct(classifier, x, y, theta + coef[p] @ basis)
+        assert r.losses[p].item() == pytest.approx(expected, rel=1e-12)
+    # A subclass that overrides forward, and a wrapper with a parameter of its own, do not.
+    overriding = _Overriding(_mlp())
+    with pytest.raises(ValueError):
+        evaluate_points(overriding, nn.CrossEntropyLoss(), (x, y), basis[:, :147], coef,
+                        linear_stem=True)  # fmt: skip
+    owning = _Wrapper(_mlp())
+    owning.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+    dim = sum(p.numel() for p in owning.parameters())
+    basis_o = torch.randn(2, dim, generator=g, dtype=torch.float64)
+    off = evaluate_points(owning, nn.CrossEntropyLoss(), (x, y), basis_o, coef)
+    assert not off.linear_stem
+    plain = evaluate_points(_Wrapper(_mlp()), nn.CrossEntropyLoss(), (x, y), basis[:, :147], coef)
+    assert plain.linear_stem is False  # fan-in 12 < 32·3: the default rule still applies
