@@ -60,11 +60,14 @@ SETTINGS = {
             "lanczos_seeds": 5, "lanczos_iters": 200, "eig_ref_iters": 3000, "eig_runs": 5,
             "eigsh_sa_maxiter": 60, "peer_repeats": 3, "peer_seeds": 5, "power_seeds": 5,
             "verify_hutchinson": True, "verify_seeds": 10,
-            "hutchpp_budgets": (6, 12, 18, 24, 30, 36, 42, 48, 64, 96, 192, 384)},
+            "hutchpp_budgets": (6, 12, 18, 24, 30, 36, 42, 48, 64, 96, 192, 384),
+            "krylov_budgets": ((6, 4), (8, 4), (8, 6), (10, 6), (12, 6), (12, 8), (16, 8),
+                               (20, 8), (20, 12), (30, 15))},
     "lenet": {"seeds": 10, "ref_matvecs": 300, "ref_float64": False, "pool": 200,
               "lanczos_seeds": 2, "lanczos_iters": 80, "eig_ref_iters": 400, "eig_runs": 2,
               "eigsh_sa_maxiter": 5, "peer_repeats": 1, "peer_seeds": 0, "power_seeds": 2,
-              "verify_hutchinson": False, "hutchpp_budgets": (24, 48, 96)},
+              "verify_hutchinson": False, "hutchpp_budgets": (24, 48, 96),
+              "krylov_budgets": ((12, 8), (20, 12), (40, 20))},
 }  # fmt: skip
 
 
@@ -368,25 +371,45 @@ def meets_90(errs: list[float], seeds: int) -> bool:
     return len(errs) == seeds and sum(e > 0.05 for e in errs) <= allowed_failures(seeds)
 
 
+def krylov_trace(op, iters: int, probes: int, seed: int) -> float:
+    """The Krylov-deflated trace (HessianTrace's default): ``iters`` Lanczos steps + probes."""
+    from lightning_curvature.curvature import krylov_deflated_trace, lanczos
+
+    run = lanczos(op, iters, generator=seed)
+    return krylov_deflated_trace(op, run, probes, generator=seed + 1, blocks=()).value
+
+
 def time_trace_runs(model, x, y, results: dict, repeats: int) -> None:
     """End-to-end wall time (fresh operator + estimate) at the product counts in ``results``."""
     from lightning_curvature.curvature import HessianOperator, hutchinson_trace, hutchpp_trace
 
     loss_fn = nn.CrossEntropyLoss()
+
+    def fresh():
+        return HessianOperator(model, loss_fn, (x, y), check_determinism=False)
+
     for label, fn in (("hutchinson", hutchinson_trace), ("hutchpp", hutchpp_trace)):
         m = results[label]["matvecs"]
         if m is None:
             continue
 
         def run(m=m, fn=fn) -> None:  # end to end, as a user pays it: fresh operator + estimate
-            fn(HessianOperator(model, loss_fn, (x, y), check_determinism=False), m, generator=7)
+            fn(fresh(), m, generator=7)
 
         results[label]["seconds"] = median_seconds(run, repeats=repeats, warmup=0)
+    budget = results.get("krylov", {}).get("budget")
+    if budget is not None:
+        k, m = budget
+        results["krylov"]["seconds"] = median_seconds(
+            lambda: krylov_trace(fresh(), k, m, seed=7), repeats=repeats, warmup=0
+        )
 
 
 def print_trace(name: str, results: dict, cfg: dict, reused: bool) -> None:
-    print(f"\n[{name}] trace to 5% relative error for 90% of seeds"
-          + (" (product counts from the first thread count; wall times rerun)" if reused else ""))
+    print(
+        f"\n[{name}] trace to 5% relative error for 90% of seeds"
+        + (" (product counts from the first thread count; wall times rerun)" if reused else "")
+    )
     h, pp = results["hutchinson"], results["hutchpp"]
     check = h.get("seed_check")
     verdict = "not run" if check is None else f"{check}"
@@ -397,6 +420,13 @@ def print_trace(name: str, results: dict, cfg: dict, reused: bool) -> None:
                       pp["matvecs"] or float("nan"))
           + (f"   wall {pp['seconds']:.3g} s" if "seconds" in pp else "")
           + f"; 90% quantile of rel. error by budget {pp.get('q90_rel_error')}")  # fmt: skip
+    kr = results.get("krylov")
+    if kr is not None:
+        label = f"krylov-deflated (Lanczos k + probes m; {cfg['seeds']} seeds per budget)"
+        print(report_line(label, kr["matvecs"] or float("nan"))
+              + f"   (k, m) = {kr.get('budget')}"
+              + (f"; wall {kr['seconds']:.3g} s" if "seconds" in kr else "")
+              + f"; 90% quantile of rel. error by budget {kr.get('q90_rel_error')}")  # fmt: skip
 
 
 def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = None) -> dict:
@@ -404,7 +434,7 @@ def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = N
 
     if prior is not None:  # product counts do not depend on the thread count: only re-time
         results = {k: {kk: vv for kk, vv in prior[k].items() if kk != "seconds"}
-                   for k in ("hutchinson", "hutchpp")}  # fmt: skip
+                   for k in ("hutchinson", "hutchpp", "krylov") if k in prior}  # fmt: skip
         time_trace_runs(model, x, y, results, cfg["peer_repeats"])
         print_trace(name, results, cfg, reused=True)
         return results
@@ -426,8 +456,11 @@ def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = N
             vseeds,
         )
         within = sum(e <= 0.05 for e in errs)
-        check = (f"{within} of {len(errs)} seeds within 5% ("
-                 + ("meets" if meets_90(errs, vseeds) else "misses") + f" 90% of {vseeds})")
+        check = (
+            f"{within} of {len(errs)} seeds within 5% ("
+            + ("meets" if meets_90(errs, vseeds) else "misses")
+            + f" 90% of {vseeds})"
+        )
     results: dict = {"hutchinson": {"matvecs": need_h, "term_std": spread, "pool_bias": bias,
                                     "seed_check": check}}  # fmt: skip
     # Hutch++: a real seed study over increasing budgets (a budget stops once it has failed).
@@ -435,8 +468,7 @@ def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = N
     need_pp = None
     for m in cfg["hutchpp_budgets"]:
         errors[m] = seed_errors(
-            lambda s, m=m: abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref)
-            / abs(ref),
+            lambda s, m=m: abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref) / abs(ref),
             seeds,
         )
         if meets_90(errors[m], seeds):
@@ -445,6 +477,22 @@ def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = N
     q90 = {m: (float(np.quantile(e, 0.9)) if len(e) == seeds else f"failed after {len(e)} seeds")
            for m, e in errors.items()}  # fmt: skip
     results["hutchpp"] = {"matvecs": need_pp, "q90_rel_error": q90}
+    # Krylov-deflated (HessianTrace's default estimator): the cheapest (Lanczos steps, probes)
+    # budget whose seeds meet the same 5% / 90% rule (budgets in order of total products).
+    kerrors, need_k = {}, None
+    for k, m in sorted(cfg["krylov_budgets"], key=lambda b: (b[0] + b[1], b[1])):
+        kerrors[(k, m)] = seed_errors(
+            lambda s, k=k, m=m: abs(krylov_trace(op, k, m, seed=5000 + 97 * s) - ref) / abs(ref),
+            seeds,
+        )
+        if meets_90(kerrors[(k, m)], seeds):
+            need_k = (k, m)
+            break
+    kq90 = {f"{k}+{m}": (float(np.quantile(e, 0.9)) if len(e) == seeds
+                         else f"failed after {len(e)} seeds")
+            for (k, m), e in kerrors.items()}  # fmt: skip
+    results["krylov"] = {"matvecs": None if need_k is None else sum(need_k), "budget": need_k,
+                         "q90_rel_error": kq90}  # fmt: skip
     time_trace_runs(model, x, y, results, cfg["peer_repeats"])
     print_trace(name, results, cfg, reused=False)
     return results
@@ -741,7 +789,7 @@ def run_model(name: str, model: nn.Module, x, y, args: argparse.Namespace, threa
                 print(f"  density(): {peer.get('density')}")
             if peer.get("trace"):
                 p = peer["trace"]
-                ours = min((rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp")
+                ours = min((rep["trace"][k]["seconds"] for k in ("hutchinson", "hutchpp", "krylov")
                             if rep.get("trace", {}).get(k, {}).get("seconds")),
                            default=float("nan"))  # fmt: skip
                 ratio = p["seconds"] / ours
