@@ -76,10 +76,13 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from lightning_curvature.checks import ArgumentError
     from lightning_curvature.data.idx import IDXFormatError
     from lightning_curvature.data.sources import DatasetNotFoundError
 
-    return (CLIError, DatasetNotFoundError, IDXFormatError)
+    # ArgumentError: a value from the config or command line that a class refused when
+    # LightningCLI instantiated it (e.g. ``--data.val_size`` larger than the training set).
+    return (CLIError, ArgumentError, DatasetNotFoundError, IDXFormatError)
 
 
 def _dispatch(command: str, rest: list[str], from_sys_argv: bool) -> int:

@@ -134,8 +134,12 @@ def test_split_branches_continue_from_the_same_weights_and_data(make_config, tmp
 def test_split_honours_overrides_of_save_dir_name_data_and_callbacks(make_config, tmp_path):
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"filename": "yaml-{epoch}", "save_top_k": -1}}]  # fmt: skip
-    config = make_config("ovr", callbacks=callbacks, trainer={"max_epochs": 2},
-                         split={"split_epoch": 1, "branches": {"sgd": {}, "fast": {"lr": 0.3}}})
+    config = make_config(
+        "ovr",
+        callbacks=callbacks,
+        trainer={"max_epochs": 2},
+        split={"split_epoch": 1, "branches": {"sgd": {}, "fast": {"lr": 0.3}}},
+    )
     elsewhere = tmp_path / "elsewhere"
     args = ["split", "--config", config,
             f"--trainer.logger.init_args.save_dir={elsewhere}",
@@ -182,8 +186,11 @@ def test_split_refuses_to_overwrite_and_reuses_only_a_matching_base(make_config,
     assert "differs" in _error_lines(capsys)[0]
     with pytest.raises(CLIError, match="already exists"):
         run_split(config, reuse_base=True)  # the sgd branch is there already
-    config2 = make_config("again", trainer={"max_epochs": 2},
-                          split={"split_epoch": 1, "branches": {"sgd": {}, "hot": {"lr": 1.0}}})
+    config2 = make_config(
+        "again",
+        trainer={"max_epochs": 2},
+        split={"split_epoch": 1, "branches": {"sgd": {}, "hot": {"lr": 1.0}}},
+    )
     runs = run_split(config2, reuse_base=True, branches=["hot"])
     assert set(runs) == {"base", "hot"} and ckpt.read_bytes() == before
     assert load_scalars(root / "hot")["val/loss"][0] == [2.0]
@@ -196,11 +203,23 @@ def test_split_refuses_to_overwrite_and_reuses_only_a_matching_base(make_config,
 
 
 def test_split_print_config_prints_the_resolved_split(make_config, tmp_path, capsys):
-    config = make_config("printed_split", trainer={"max_epochs": 4},
-                         split={"split_epoch": 2, "branches": {"ngd": {"optimizer": "ngd"}}})
+    config = make_config(
+        "printed_split",
+        trainer={"max_epochs": 4},
+        split={"split_epoch": 2, "branches": {"ngd": {"optimizer": "ngd"}}},
+    )
     with pytest.raises(SystemExit) as info:
-        main(["split", "--config", config, "--split_epoch=3", "--model.lr=0.02",
-              f"--trainer.logger.init_args.save_dir={tmp_path / 'x'}", "--print_config"])
+        main(
+            [
+                "split",
+                "--config",
+                config,
+                "--split_epoch=3",
+                "--model.lr=0.02",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'x'}",
+                "--print_config",
+            ]
+        )
     assert info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["split_epoch"] == 3 and printed["split"]["branches"] == {
@@ -247,7 +266,22 @@ def test_console_entry_point_without_arguments_exits_nonzero():
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"lightning-curvature report: error: {ROOT / 'no-such-dir'}: no such directory"]
+        f"lightning-curvature report: error: {ROOT / 'no-such-dir'}: no such directory"
+    ]
+
+
+def test_a_value_refused_by_a_class_is_one_line_exit_2(tmp_path):
+    # The parser accepts the integer; the data module refuses it when LightningCLI builds it.
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_curvature", "fit", "--config",
+         str(ROOT / "configs" / "quickstart.yaml"), "--data.val_size", "100000",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lightning-curvature fit: error: `val_size` must be an integer in [0, 3999], got 100000"
+    )
 
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
