@@ -84,7 +84,10 @@ class MetricSink:
         summary = _image_summary(tag, image_hwc)
         for lg in self.tensorboard:
             writer = lg.experiment
-            file_writer = getattr(writer, "file_writer", None)
+            # The proto is TensorBoard's own: only torch's SummaryWriter takes it (tensorboardX,
+            # which Lightning falls back to without tensorboard, has its own proto classes).
+            native = type(writer).__module__.startswith("torch.utils.tensorboard")
+            file_writer = getattr(writer, "file_writer", None) if native else None
             if summary is None or file_writer is None:
                 writer.add_image(tag, image_hwc, global_step=self.step, dataformats="HWC")
             else:
