@@ -40,8 +40,9 @@ class LocalLearningCoefficient(CurvatureCallback):
     num_chains, num_draws, num_burnin : int
         SGLD chains, recorded steps and discarded steps per chain. Cost:
         ``num_chains · (num_burnin + num_draws)`` minibatch gradients (chains run vectorized).
-        Defaults 4, 40, 20: 240 gradients of 64 samples, about 35% of an epoch per
-        measurement. What it buys: λ̂ with a chain-to-chain std of ~13% and R̂ ≈ 1.02; on a
+        Defaults 4, 40, 20: 240 gradients of 64 samples, about 45% of an epoch per
+        measurement (MLP 784-256-256-10, one CPU thread, docs/benchmarks.md). What it buys:
+        λ̂ with a chain-to-chain std of ~13% and R̂ ≈ 1.02; on a
         trained MLP the value was ~20% above an 8 × (50 + 100) run, so compare λ̂ across runs
         at equal settings.
     step_size : float
@@ -55,8 +56,8 @@ class LocalLearningCoefficient(CurvatureCallback):
     num_samples : int
         Samples SGLD draws its minibatches from (and L_n(w*) is computed on). Default 4096.
     every_n_epochs : int
-        Default 5 (about 7% of an epoch amortized: one measurement costs about a third of an
-        epoch of the MLP 784-256-256-10 on 60,000 images).
+        Default 5 (about 9% of an epoch amortized on the MLP 784-256-256-10 with 60,000
+        images; about a quarter of a measurement is drawing the Gaussian noise).
     runaway_factor : float
         A chain whose draw loss exceeds ``runaway_factor`` times the initial loss is reported
         diverged (> 1). Default 100.

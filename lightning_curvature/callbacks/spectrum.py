@@ -36,14 +36,14 @@ class HessianSpectrum(CurvatureCallback):
         Lanczos steps per run (one HVP each). Default 30.
     num_runs : int
         Independent runs (random start vectors). Default 1: cost ``num_iters · num_runs`` HVPs,
-        about 25% of an epoch per measurement.
+        about 17% of an epoch per measurement.
     num_points : int
         Grid points of the density. Default 256.
     sigma : float, optional
         Gaussian smoothing width (finite, > 0); default chosen by the engine from the spectrum's
         range.
     every_n_epochs : int
-        Default 10 (about 2.5% of an epoch amortized; the density changes slowly, and 10 is a
+        Default 10 (about 1.7% of an epoch amortized; the density changes slowly, and 10 is a
         multiple of the other curvature cadences).
     num_samples, batch_size, seed, loss_fn, eval_mode, measure_on_train_start, name
         See :class:`~lightning_curvature.callbacks.base.CurvatureCallback`.
