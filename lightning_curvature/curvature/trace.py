@@ -253,17 +253,16 @@ def krylov_deflated_trace(
     start = time.perf_counter()
     gen = as_generator(generator)
     if parts:
-        rest, stderr, per_block = _krylov_rest_by_block(
+        rest, stderr, per_block, extra = _krylov_rest_by_block(
             base, run, num_probes, gen, parts, block_size
         )
-        cross = run.residual_norm > 0 and run.basis.shape[1] < base.dim
     else:
         rest, stderr = _krylov_rest(base, run, num_probes, gen, block_size)
-        per_block, cross = (), False
+        per_block, extra = (), 0
     return TraceEstimate(
         value=float(run.alphas.sum()) + rest,
         stderr=stderr,
-        num_matvecs=num_probes + int(cross),
+        num_matvecs=num_probes + extra,
         seconds=time.perf_counter() - start,
         num_probes=num_probes,
         blocks=per_block,
@@ -300,8 +299,12 @@ def _krylov_rest_by_block(
     gen: torch.Generator,
     parts: Sequence[Block],
     block_size: int | None,
-) -> tuple[float, float, tuple[BlockTrace, ...]]:
-    """Hutchinson on ``PAP`` with the per-block terms and the exact Krylov parts of each block."""
+) -> tuple[float, float, tuple[BlockTrace, ...], int]:
+    """Hutchinson on ``PAP`` with the per-block terms and the exact Krylov parts of each block.
+
+    Returns the estimate of ``tr(PAP)``, its stderr, the blocks and the extra products taken
+    (1 for ``A q_k`` when the run did not end on an invariant subspace, else 0).
+    """
     assert run.basis is not None
     # Projections in float64: P = I − QQᵀ applied in float32 leaves a Krylov component of the
     # size of the rounding, which the block terms would pick up.
@@ -323,4 +326,4 @@ def _krylov_rest_by_block(
     if cross:
         last = images[:, num_probes:]
         exact += 2 * block_sums((last - q @ (q.T @ last)) * q[:, -1:], parts).sum(dim=1)
-    return rest, stderr, _block_traces(parts, exact, block_sums(terms, parts))
+    return rest, stderr, _block_traces(parts, exact, block_sums(terms, parts)), int(cross)
