@@ -19,6 +19,8 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_curvature.landscape.figures import render_rgb
+
 __all__ = ["MetricSink"]
 
 _warned_no_logger: set[int] = set()
@@ -74,7 +76,7 @@ class MetricSink:
     # -- rich content (TensorBoard only, rank zero only) -----------------------------------
     def figure(self, tag: str, fig: Any) -> None:
         if self.is_global_zero and self.tensorboard:
-            self.image(tag, _render_hwc(fig))
+            self.image(tag, render_rgb(fig))
         _close(fig)
 
     def image(self, tag: str, image_hwc: np.ndarray) -> None:
@@ -137,15 +139,6 @@ class MetricSink:
 #: zlib level of the PNG images: level 1 encodes about 2.5x faster than PIL's default (6) for
 #: these figures, at ~17% larger files; the encoding was a sixth of a LossProjection measurement.
 _PNG_LEVEL = 1
-
-
-def _render_hwc(fig: Any) -> np.ndarray:
-    """A matplotlib figure drawn by the Agg backend, as ``(H, W, 3)`` ``uint8``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
 def _image_summary(tag: str, image_hwc: np.ndarray) -> Any:
