@@ -183,8 +183,7 @@ def parallel_lanczos(
     the price of its block route. Each run is exactly :func:`lanczos` from its own start vector
     (the same recurrence and reorthogonalization against its own basis, except that a second
     Gram–Schmidt pass is taken for the whole block when any run needs one; the same breakdown
-    rule); a run that reaches an invariant subspace leaves the
-    block.
+    rule); a run that reaches an invariant subspace leaves the block.
 
     Parameters
     ----------
