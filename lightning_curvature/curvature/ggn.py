@@ -62,8 +62,10 @@ class GGNOperator(ModelCurvatureOperator):
         self, theta: tuple[Tensor, ...], graphs: list[Any], rows: Tensor, batched: bool
     ) -> Tensor:
         probes = self._parts(rows if batched else rows[0])
-        live = [g for g in graphs if g.jtu]
-        if not live:  # no parameter reaches the outputs: G = 0
+        # A batch contributes nothing when no parameter reaches the outputs, or when the loss is
+        # linear in them (∇_f ℓ is then a constant without a graph: H_L = 0).
+        live = [g for g in graphs if g.jtu and g.loss_grad.requires_grad]
+        if not live:  # G = 0
             return torch.zeros_like(rows)
         # J v = d/du [(Jᵀu)·v]: every parameter's part of Jᵀu against its part of v.
         jv = batched_grad(

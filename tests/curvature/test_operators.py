@@ -299,3 +299,40 @@ def test_auto_block_route_is_measured_per_block_size_on_real_calls(monkeypatch):
     assert again.block_route_seconds[16] == op.block_route_seconds[16]
     fixed = HessianOperator(model, loss, (x, y), vectorize_matmat=False)
     assert set(fixed.block_routes.values()) == {"loop"} and fixed.route_seconds == {}
+
+
+class _WithDeadParts(torch.nn.Module):
+    """A parameter the loss never reaches, and one whose gradient is a constant (no graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(0.3))
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.body(x) + self.shift
+
+
+def _mean_output(out, targets):  # type: ignore[no-untyped-def]
+    """Linear in the outputs: d loss / d shift = 1 exactly, a constant without a graph."""
+    return out.mean()
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), _mean_output], ids=["ce", "linear"])
+def test_products_through_per_parameter_leaves_with_unused_and_constant_gradients(loss):
+    # Ground truth: torch.func.hessian / jacrev of a hand-written flat loss (tests/ground_truth),
+    # which differentiates one flat vector. `unused` gets zero rows and columns; under the
+    # linear loss so does `shift`, whose gradient then needs no second-order graph at all.
+    torch.manual_seed(0)
+    model = _WithDeadParts().double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    h_true, g_true = true_hessian(model, loss, x, y), true_ggn(model, loss, x, y)
+    h = HessianOperator(model, loss, (x, y)).to_dense()
+    g = GGNOperator(model, loss, (x, y)).to_dense()
+    torch.testing.assert_close(h, h_true, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_true, rtol=1e-10, atol=1e-12)
+    unused = list(range(h.shape[0] - 6, h.shape[0]))  # unused.weight (4), unused.bias (2)
+    assert torch.count_nonzero(h[unused]) == 0 and torch.count_nonzero(g[unused]) == 0
+    assert torch.count_nonzero(h_true[1:-6, 1:-6]) > 0  # the live block is not trivially zero
