@@ -429,6 +429,24 @@ def print_trace(name: str, results: dict, cfg: dict, reused: bool) -> None:
               + f"; 90% quantile of rel. error by budget {kr.get('q90_rel_error')}")  # fmt: skip
 
 
+def cheapest_budget(budgets, rel_error, seeds: int) -> tuple[object, dict]:
+    """The first budget whose ``seeds`` runs meet the 5% / 90% rule, and the error by budget.
+
+    ``rel_error(budget, seed)`` is one run's relative error; a budget stops once it has failed.
+    The table maps each tried budget to its 90% quantile (or how many seeds it failed after).
+    """
+    table: dict = {}
+    for budget in budgets:
+        errs = seed_errors(lambda s, b=budget: rel_error(b, s), seeds)
+        table[budget] = (
+            float(np.quantile(errs, 0.9)) if len(errs) == seeds
+            else f"failed after {len(errs)} seeds"
+        )  # fmt: skip
+        if meets_90(errs, seeds):
+            return budget, table
+    return None, table
+
+
 def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = None) -> dict:
     from lightning_curvature.curvature import HessianOperator, hutchinson_trace, hutchpp_trace
 
@@ -464,35 +482,24 @@ def trace_study(name, model, x, y, ref: float, cfg: dict, prior: dict | None = N
     results: dict = {"hutchinson": {"matvecs": need_h, "term_std": spread, "pool_bias": bias,
                                     "seed_check": check}}  # fmt: skip
     # Hutch++: a real seed study over increasing budgets (a budget stops once it has failed).
-    errors = {}
-    need_pp = None
-    for m in cfg["hutchpp_budgets"]:
-        errors[m] = seed_errors(
-            lambda s, m=m: abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref) / abs(ref),
-            seeds,
-        )
-        if meets_90(errors[m], seeds):
-            need_pp = m
-            break
-    q90 = {m: (float(np.quantile(e, 0.9)) if len(e) == seeds else f"failed after {len(e)} seeds")
-           for m, e in errors.items()}  # fmt: skip
+    need_pp, q90 = cheapest_budget(
+        cfg["hutchpp_budgets"],
+        lambda m, s: abs(hutchpp_trace(op, m, generator=1000 * m + s).value - ref) / abs(ref),
+        seeds,
+    )
     results["hutchpp"] = {"matvecs": need_pp, "q90_rel_error": q90}
     # Krylov-deflated (HessianTrace's default estimator): the cheapest (Lanczos steps, probes)
     # budget whose seeds meet the same 5% / 90% rule (budgets in order of total products).
-    kerrors, need_k = {}, None
-    for k, m in sorted(cfg["krylov_budgets"], key=lambda b: (b[0] + b[1], b[1])):
-        kerrors[(k, m)] = seed_errors(
-            lambda s, k=k, m=m: abs(krylov_trace(op, k, m, seed=5000 + 97 * s) - ref) / abs(ref),
-            seeds,
-        )
-        if meets_90(kerrors[(k, m)], seeds):
-            need_k = (k, m)
-            break
-    kq90 = {f"{k}+{m}": (float(np.quantile(e, 0.9)) if len(e) == seeds
-                         else f"failed after {len(e)} seeds")
-            for (k, m), e in kerrors.items()}  # fmt: skip
-    results["krylov"] = {"matvecs": None if need_k is None else sum(need_k), "budget": need_k,
-                         "q90_rel_error": kq90}  # fmt: skip
+    need_k, kq90 = cheapest_budget(
+        sorted(cfg["krylov_budgets"], key=lambda b: (b[0] + b[1], b[1])),
+        lambda b, s: abs(krylov_trace(op, *b, seed=5000 + 97 * s) - ref) / abs(ref),
+        seeds,
+    )
+    results["krylov"] = {
+        "matvecs": None if need_k is None else sum(need_k),
+        "budget": need_k,
+        "q90_rel_error": {f"{k}+{m}": q for (k, m), q in kq90.items()},
+    }
     time_trace_runs(model, x, y, results, cfg["peer_repeats"])
     print_trace(name, results, cfg, reused=False)
     return results

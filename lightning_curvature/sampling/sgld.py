@@ -147,12 +147,11 @@ class _NanGradientSteps:
         self.first = torch.full((num_chains,), -1, dtype=torch.int64, device=device)
 
     def record(self, t: int, grads: Tensor, losses: Tensor) -> None:
-        finite = torch.isfinite(grads.amax(dim=-1)) & torch.isfinite(grads.amin(dim=-1))
-        bad = torch.isfinite(losses) & ~finite
-        self.first = torch.where(bad & (self.first < 0), t, self.first)
+        """Step ``t`` of flat gradients ``(chains, dim)``."""
+        self.record_parts(t, [grads], losses)
 
     def record_parts(self, t: int, grads: list[Tensor], losses: Tensor) -> None:
-        """:meth:`record` for per-parameter gradients ``(chains, *shape)`` (no flat copy)."""
+        """Step ``t`` of per-parameter gradients ``(chains, *shape)`` (no flat copy)."""
         flat = [g.reshape(g.shape[0], -1) for g in grads]
         top = torch.stack([g.amax(dim=1) for g in flat]).amax(dim=0)
         low = torch.stack([g.amin(dim=1) for g in flat]).amin(dim=0)
@@ -179,6 +178,7 @@ class _PartsUpdate:
         self.center = list(layout.unflatten(center).values())
 
     def grads(self, grads: dict[str, Tensor], chains: bool) -> list[Tensor]:
+        """The gradients in layout order with a leading chain axis (added for one chain)."""
         out = [grads[n] for n in self.names]
         return out if chains else [g.unsqueeze(0) for g in out]
 
@@ -187,6 +187,7 @@ class _PartsUpdate:
     ) -> None:
         noises = self.layout.unflatten(noise).values()
         for theta, g, xi, center in zip(self.theta, grads, noises, self.center, strict=True):
+            # reshape: a single chain's gradients carry the chain axis of :meth:`grads`
             _sgld_update(theta, g.reshape(theta.shape), xi, center, eps, gamma, nbeta)
 
 
@@ -365,8 +366,9 @@ def _run_sequential(
                 layout.unflatten(theta), _index(inputs, step_idx), _index(targets, step_idx)
             )
             losses[t] = loss.detach()
-            first_bad.record_parts(t, update.grads(grads, chains=False), losses[t : t + 1])
-            update([grads[n] for n in update.names], noise.next()[0], eps, gamma, nbeta)
+            parts = update.grads(grads, chains=False)
+            first_bad.record_parts(t, parts, losses[t : t + 1])
+            update(parts, noise.next()[0], eps, gamma, nbeta)
         rows.append(losses)
         bad_steps.append(first_bad.steps())
     traces = (torch.stack(rows) if rows else torch.empty(0, num_steps, dtype=center.dtype)).to(
