@@ -175,9 +175,11 @@ def _pass_through_path(model: nn.Module) -> str | None:
         name = type(module).__dict__.get("forward_module")
         if not isinstance(name, str) or len(names) > 8:
             return None
-        child = module._modules.get(name)
-        own_tensors = [*module._parameters.values(), *module._buffers.values()]
-        if not isinstance(child, nn.Module) or any(t is not None for t in own_tensors):
+        child = dict(module.named_children()).get(name)
+        owns = any(True for _ in module.parameters(recurse=False)) or any(
+            True for _ in module.buffers(recurse=False)
+        )
+        if child is None or owns:
             return None
         names.append(name)
         module = child
